@@ -1,0 +1,101 @@
+"""The teacher interface: a stage hands a batch of requests, gets text or a typed failure back.
+
+Backends (``openai``, ``vllm``, ``programmatic``) are interchangeable per stage by config.
+Images travel as raw bytes on the request; each backend encodes them as it needs (data URLs for
+HTTP, PIL images for vLLM offline, nothing for the programmatic teacher, which reads the scene).
+In ``messages`` an image is the content part ``{"type": "image", "index": i}`` (i-th image).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Backend = Literal["openai", "vllm", "programmatic"]
+
+
+@dataclass
+class TeacherConfig:
+    backend: Backend = field(default="programmatic", metadata={"help": "openai | vllm | programmatic"})
+    model: str = field(default="avar-programmatic-v1", metadata={"help": "Model id sent to the backend."})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Name of the environment variable holding the API key (the key itself never goes in a config)."})
+    max_concurrency: int = field(default=16, metadata={"help": "Requests in flight at once."})
+    timeout_s: float = field(default=120.0, metadata={"help": "Per-request timeout in seconds."})
+    max_retries: int = field(default=6, metadata={"help": "Retries on 5xx, 429, timeouts and connection errors."})
+    backoff_base_s: float = field(default=1.0, metadata={"help": "First back-off delay; doubles each retry, with full jitter."})
+    backoff_max_s: float = field(default=60.0, metadata={"help": "Cap on one back-off delay."})
+    max_pixels: int | None = field(default=1_003_520, metadata={"help": "Images are downscaled to at most this many pixels before sending."})
+    price_input_per_mtok: float = field(default=0.0, metadata={"help": "USD per million prompt tokens (cost estimate)."})
+    price_output_per_mtok: float = field(default=0.0, metadata={"help": "USD per million completion tokens (cost estimate)."})
+    vllm_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra kwargs for vllm.LLM (tensor_parallel_size, max_model_len, ...)."})
+
+    def api_key(self) -> str:
+        return os.environ.get(self.api_key_env, "EMPTY")
+
+    def public(self) -> dict:
+        """What may be written to provenance, logs and cards (never a secret)."""
+        return {"backend": self.backend, "model": self.model}
+
+
+@dataclass
+class TeacherRequest:
+    key: str  # request-cache key (pipeline.cache.request_key)
+    stage: str  # describe | reason | anchor | ...
+    messages: list[dict]  # OpenAI chat format; images as {"type": "image", "index": i}
+    images: list[bytes]
+    sampling: dict[str, Any]  # temperature, top_p, max_tokens, seed, ...
+    record: dict  # the sample so far: the programmatic teacher reads scene + earlier stages
+
+
+@dataclass
+class TeacherResponse:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"
+    model: str = ""
+    latency_s: float = 0.0
+
+
+class TeacherError(Exception):
+    """A request that failed for good (after retries). ``reason`` is a reject reason code."""
+
+    def __init__(self, reason: str, message: str, retryable: bool = False):
+        self.reason, self.message, self.retryable = reason, message, retryable
+        super().__init__(f"{reason}: {message}")
+
+
+class Teacher(ABC):
+    def __init__(self, config: TeacherConfig):
+        self.config = config
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @abstractmethod
+    async def agenerate(self, requests: list[TeacherRequest]) -> list[TeacherResponse | TeacherError]:
+        """One result per request, in order. Never raises for a single request's failure."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def build_teacher(config: TeacherConfig) -> Teacher:
+    if config.backend == "openai":
+        from pipeline.teachers.openai_backend import OpenAITeacher
+        return OpenAITeacher(config)
+    if config.backend == "vllm":
+        from pipeline.teachers.vllm_backend import VLLMTeacher  # lazy: the gpu extra
+        return VLLMTeacher(config)
+    if config.backend == "programmatic":
+        from pipeline.teachers.programmatic import ProgrammaticTeacher
+        return ProgrammaticTeacher(config)
+    raise ValueError(f"teacher.backend: unknown backend {config.backend!r} (openai | vllm | programmatic)")
