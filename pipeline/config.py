@@ -24,6 +24,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
@@ -177,7 +178,14 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:  # a __post_init__ check of the owning module
-        raise ConfigError(f"{path or '<root>'}: {err}") from None
+        text = str(err).strip()
+        head, sep, rest = text.partition(":")
+        # Messages start with their field ("n: ..." or "seeds.n: ..."): make it a full key path.
+        parent = path.rsplit(".", 1)[-1] + "." if path else ""
+        rel = head[len(parent):] if parent and head.startswith(parent) else head
+        if sep and rel.split("/")[0] in fields:
+            raise ConfigError(f"{_join(path, rel)}:{rest}") from None
+        raise ConfigError(f"{path or '<root>'}: {text}") from None
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -327,3 +335,53 @@ def load(cls: type, path: str | os.PathLike | None = None, overrides: Iterable[s
     raw = dict(data or {}) if path is None else read_yaml(path)
     raw = apply_overrides(raw, overrides)
     return from_dict(cls, raw)
+
+
+# --------------------------------------------------------------------------- run settings
+
+@dataclass
+class RunConfig:
+    """How a synthesis run executes. None of it changes the data (all volatile for the digest)."""
+
+    store_dir: str = field(default="runs/demo", metadata={
+        "help": "Work store root (parquet shards per stage, request cache, funnel). Re-running with "
+                "the same store continues where a previous run stopped.", "volatile": True})
+    cache_path: str | None = field(default=None, metadata={
+        "help": "Teacher request cache (SQLite). Default: <store_dir>/requests.sqlite.", "volatile": True})
+    shard_size: int = field(default=64, metadata={
+        "help": "Records per stage batch and per parquet shard (a crash loses at most one batch "
+                "per running task).", "volatile": True})
+    n_shards: int = field(default=4, metadata={
+        "help": "Seed ids are split into this many partitions (by id hash); each stage runs one "
+                "Prefect task per partition.", "volatile": True})
+    runner: Literal["thread", "ray"] = field(default="thread", metadata={
+        "help": "Task runner: 'thread' (Prefect ThreadPoolTaskRunner, one process) or 'ray' "
+                "(prefect-ray RayTaskRunner; needs the `ray` extra).", "volatile": True})
+    max_workers: int = field(default=4, metadata={
+        "help": "Thread runner: tasks in flight at once. One stage instance per process runs one "
+                "batch at a time; the stages' own concurrency (teacher max_concurrency, VAS batch "
+                "size) works inside a task.", "volatile": True})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray runner: cluster address ('auto', 'ray://head:10001'); None starts a local "
+                "Ray unless RAY_ADDRESS is set.", "volatile": True})
+    ray_num_cpus: int | None = field(default=None, metadata={
+        "help": "Ray runner, local Ray only: CPUs it may use (None: all).", "volatile": True})
+    ray_remote_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "Ray runner: per-stage ray.remote options, e.g. {vas: {num_gpus: 1}} (Ray then "
+                "limits each stage's concurrency by resources).", "volatile": True})
+    task_retries: int = field(default=2, metadata={
+        "help": "Prefect retries per task (a retried task skips ids already done).", "volatile": True})
+    retry_delay_s: float = field(default=5.0, metadata={
+        "help": "Seconds between Prefect task retries.", "volatile": True})
+    progress: bool = field(default=True, metadata={
+        "help": "Show per-task progress bars (tqdm, stderr).", "volatile": True})
+
+    def __post_init__(self):
+        for name in ("shard_size", "n_shards", "max_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.task_retries < 0 or self.retry_delay_s < 0:
+            raise ValueError("task_retries and retry_delay_s: must be >= 0")
+
+    def request_cache_path(self) -> Path:
+        return Path(self.cache_path) if self.cache_path else Path(self.store_dir) / "requests.sqlite"
