@@ -45,9 +45,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Self
 
 from aiohttp import web
 from PIL import Image
+
+from pipeline.images import to_data_url
+from pipeline.teachers.base import TeacherConfig, TeacherError, TeacherRequest
 
 FAULTS = ("500", "502", "503", "429", "slow", "malformed", "truncated", "empty")
 STAGE_HEADING = re.compile(r"^## Task: (\w+)[ \t]*$", re.MULTILINE)
@@ -111,12 +115,10 @@ class ProgrammaticResponder:
     """Answers with :class:`pipeline.teachers.programmatic.ProgrammaticTeacher` on the seed."""
 
     def __init__(self):
-        from pipeline.teachers.base import TeacherConfig
-        from pipeline.teachers.programmatic import ProgrammaticTeacher
+        from pipeline.teachers.programmatic import ProgrammaticTeacher  # another helper's module
         self.teacher = ProgrammaticTeacher(TeacherConfig())
 
     async def __call__(self, call: ChatCall) -> str:
-        from pipeline.teachers.base import TeacherError, TeacherRequest
         if call.record is None:
             raise ResponderError(400, "no registered image in the request")
         if call.stage is None:
@@ -190,7 +192,6 @@ class TeacherServer:
 
     def register(self, records: Iterable[dict]) -> TeacherServer:
         """Recognise these seed records by the sha256 of each image as sent (also resized)."""
-        from pipeline.images import to_data_url
         with self._lock:
             for record in records:
                 for image in record["images"]:
@@ -260,7 +261,7 @@ class TeacherServer:
         self._loop.close()
         self._loop = self._thread = None
 
-    def __enter__(self) -> TeacherServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

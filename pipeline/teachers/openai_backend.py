@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -130,7 +131,7 @@ def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = Non
             if when is None:
                 return None
             seconds = when.timestamp() - (time.time() if now is None else now)
-        return max(0.0, seconds) if seconds == seconds and seconds != float("inf") else None
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     return None
 
 
@@ -225,9 +226,8 @@ class OpenAITeacher(Teacher):
 
     async def aclose(self) -> None:
         state, self._state = self._state, None
-        if state is not None and not state.loop.is_closed():
-            if state.loop is asyncio.get_running_loop():
-                await state.client.close()
+        if state is not None and state.loop is asyncio.get_running_loop():
+            await state.client.close()
 
     # -- internals ----------------------------------------------------------------------------
 
