@@ -354,7 +354,7 @@ class TeacherServer:
         except ResponderError as e:
             entry.outcome = f"error:{e.status}"
             return _error(e.status, e.message)
-        except Exception as e:  # a broken responder must be visible in the client's error
+        except Exception as e:  # noqa: BLE001 - a broken responder must show in the client's error
             entry.outcome = "error:500"
             return _error(500, f"responder failed: {type(e).__name__}: {e}")
         finish = "stop"

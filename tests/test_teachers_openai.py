@@ -9,13 +9,19 @@ import io
 import logging
 import random
 import traceback
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 from PIL import Image
 
-from pipeline.teachers.base import TeacherConfig, TeacherError, TeacherRequest, TeacherResponse, build_teacher
+from pipeline.teachers.base import (
+    TeacherConfig,
+    TeacherError,
+    TeacherRequest,
+    TeacherResponse,
+    build_teacher,
+)
 from pipeline.teachers.openai_backend import (
     OpenAITeacher,
     TeacherFatalError,
@@ -57,9 +63,9 @@ def request(tag: str, images: list[bytes] | None = None, **sampling) -> TeacherR
 
 
 def config(server: TeacherServer, **overrides) -> TeacherConfig:
-    values = dict(backend="openai", model="teacher-under-test", base_url=server.base_url,
-                  api_key_env=KEY_ENV, max_concurrency=4, timeout_s=5.0, max_retries=3,
-                  backoff_base_s=0.001, backoff_max_s=0.01)
+    values = {"backend": "openai", "model": "teacher-under-test", "base_url": server.base_url,
+              "api_key_env": KEY_ENV, "max_concurrency": 4, "timeout_s": 5.0, "max_retries": 3,
+              "backoff_base_s": 0.001, "backoff_max_s": 0.01}
     values.update(overrides)
     return TeacherConfig(**values)
 
@@ -234,7 +240,7 @@ def test_corrupt_image_is_a_per_request_error(server):
 def test_usage_and_cost(server):
     teacher = OpenAITeacher(config(server, price_input_per_mtok=2.0, price_output_per_mtok=8.0))
     results = run(teacher, [request("a"), request("b")])
-    words = len("You are a careful teacher.".split()) + len("## Task: describe\nid=a".split())
+    words = len(["You", "are", "a", "careful", "teacher."]) + len(["##", "Task:", "describe", "id=a"])
     for result in results:
         assert result.prompt_tokens == words + 256  # the server counts 256 tokens per image
         assert result.completion_tokens == len(result.text.split()) and result.latency_s > 0
@@ -266,9 +272,8 @@ def test_api_key_never_leaks(server, caplog):
     server.faults({"500": 1.0})
     [failed] = run(OpenAITeacher(config(server, max_retries=1)), [request("a")])
     assert isinstance(failed, TeacherError)
-    with TeacherServer(hostile) as unauthorised:
-        with pytest.raises(TeacherFatalError) as info:
-            run(OpenAITeacher(config(unauthorised)), [request("b")])
+    with TeacherServer(hostile) as unauthorised, pytest.raises(TeacherFatalError) as info:
+        run(OpenAITeacher(config(unauthorised)), [request("b")])
     fatal = info.value
     assert "HTTP 401" in str(fatal) and KEY_ENV in str(fatal) and "***" in str(fatal)
     assert fatal.__context__ is None and fatal.__cause__ is None
