@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-TINY_VERSION = "v1"  # bump when the build changes: a new folder name forces a rebuild
+TINY_VERSION = "v2"  # bump when the build changes: a new folder name forces a rebuild
 DONE_MARKER = "avar_tiny_model.json"
 
 # The Qwen2.5-VL special tokens, in the stock order (ids follow the trained vocabulary).

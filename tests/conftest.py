@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny offline Qwen2.5-VL and deterministic images.
+
+The tiny model lives in ``$AVAR_CACHE`` (default ``~/.cache/avar``) and is built once (~3 s).
+Session-scoped model/processor fixtures are shared: treat them as read-only (no training,
+no ``set_attn_implementation``); a test that mutates a model loads its own copy.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hugging Face Hub
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def make_image(seed: int = 0, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """A deterministic random RGB image of ``size`` = (width, height)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    from pipeline.models import tiny_model_path
+    return tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_processor(tiny_model_dir):
+    from pipeline.models import load_model_and_processor
+    model, processor = load_model_and_processor(tiny_model_dir)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model_dir):
+    from pipeline.models import load_processor
+    return load_processor(tiny_model_dir)
+
+
+@pytest.fixture
+def image_factory():
+    """``image_factory(seed, (width, height))`` -> deterministic PIL image."""
+    return make_image
