@@ -30,6 +30,7 @@ PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
 IMAGE_COLUMNS = ("images", "image", "decoded_image")
 QUESTION_COLUMNS = ("problem", "question", "query")
 ROLES = ("system", "user", "assistant")
+TOY_ALIAS = "toy"
 
 
 class DataError(ValueError):
@@ -42,9 +43,14 @@ class DataError(ValueError):
 
 def load_table(source: str, split: str = "train", config: str | None = None,
                max_samples: int | None = None) -> datasets.Dataset:
-    """Load a dataset from a ``save_to_disk`` folder, a folder of data files, or a Hub id."""
+    """Load a dataset from a ``save_to_disk`` folder, a folder of data files, or a Hub id.
+
+    ``toy`` names the drawn-shapes table of :func:`toy_table` (smoke runs without data).
+    """
     path = Path(source)
-    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+    if source == TOY_ALIAS:
+        loaded = toy_table(max_samples or 16, seed=0 if split == "train" else 1)
+    elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:

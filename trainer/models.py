@@ -1,0 +1,90 @@
+"""Model loading for the trainers: checkpoint + processor (via :mod:`pipeline.models`), image
+budget, frozen vision tower, LoRA adapters.
+
+``model_name_or_path: tiny`` names the random-weight test model of :mod:`pipeline.tiny_vlm`
+(built offline on first use), so the tiny configs run anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.models import load_model_and_processor, tiny_model_path
+
+logger = logging.getLogger(__name__)
+TINY_ALIAS = "tiny"
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    return str(tiny_model_path()) if name_or_path == TINY_ALIAS else str(name_or_path)
+
+
+def resolve_dtype(name: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def apply_pixel_budget(processor: Any, max_pixels: int | None, min_pixels: int | None = None) -> None:
+    """Make every later processor call resize images to at most ``max_pixels`` pixels.
+
+    Qwen-VL image processors read the pixel bounds from ``size`` (``longest_edge`` is the maximum
+    area, ``shortest_edge`` the minimum), and TRL's collator calls the processor without kwargs.
+    """
+    if max_pixels is None and min_pixels is None:
+        return
+    image_processor = processor.image_processor
+    size = dict(image_processor.size)
+    if max_pixels is not None:
+        if max_pixels < 28 * 28:
+            raise ValueError(f"max_pixels={max_pixels} is below one merged 28x28 patch")
+        size["longest_edge"] = int(max_pixels)
+    if min_pixels is not None:
+        size["shortest_edge"] = int(min_pixels)
+    size["shortest_edge"] = min(size.get("shortest_edge") or 0, size["longest_edge"])
+    image_processor.size = type(image_processor.size)(**size) if not isinstance(image_processor.size, dict) else size
+    for attr, value in (("max_pixels", size["longest_edge"]), ("min_pixels", size["shortest_edge"])):
+        if getattr(image_processor, attr, None) is not None:
+            setattr(image_processor, attr, value)
+
+
+def freeze_vision_tower(model: torch.nn.Module) -> int:
+    """Freeze the vision encoder except its merger (projector into the LLM); returns #frozen tensors."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if ".visual." in f".{name}" and ".merger." not in name:
+            param.requires_grad_(False)
+            frozen += 1
+    if not frozen:
+        raise ValueError(f"{type(model).__name__}: no vision-tower parameters found to freeze")
+    return frozen
+
+
+def lora_config(config: Any):
+    """LoRA on the language model's projections only (the vision tower's MLP shares the names)."""
+    from peft import LoraConfig
+
+    names = "|".join(re.escape(m) for m in config.lora_target_modules)
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=rf"^(?!.*\bvisual\b).*\.({names})$", task_type="CAUSAL_LM")
+
+
+def load_for_training(config: Any) -> tuple[torch.nn.Module, Any, Any]:
+    """``(model, processor, peft_config or None)`` as the config asks."""
+    path = resolve_model_path(config.model_name_or_path)
+    if not Path(path).exists() and "/" not in path:
+        raise FileNotFoundError(f"model_name_or_path={config.model_name_or_path!r}: no such folder "
+                                f"(and not a Hub id); use {TINY_ALIAS!r} for the tiny test model")
+    model, processor = load_model_and_processor(
+        path, dtype=resolve_dtype(config.torch_dtype), attn_implementation=config.attn_implementation or "sdpa")
+    apply_pixel_budget(processor, config.max_pixels, config.min_pixels)
+    if config.freeze_vision_tower:
+        logger.info("froze %d vision-tower tensors", freeze_vision_tower(model))
+    return model, processor, lora_config(config) if config.use_peft else None
