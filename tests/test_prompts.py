@@ -5,9 +5,9 @@ import pytest
 from pipeline.prompts import PROMPTS_DIR, PromptError, choice_letter, fence, load_template
 
 STAGES = ("describe", "reason", "anchor")
-CTX = dict(question="In the figure, find angle C.", choices=None, n_images=1, answer_type="number",
-           description="A triangle ABC with angle A = 50 degrees.",
-           chain="Angles sum to 180, so C = 70.", answer="70")
+CTX = {"question": "In the figure, find angle C.", "choices": None, "n_images": 1, "answer_type": "number",
+           "description": "A triangle ABC with angle A = 50 degrees.",
+           "chain": "Angles sum to 180, so C = 70.", "answer": "70"}
 
 
 @pytest.mark.parametrize("name", STAGES)
