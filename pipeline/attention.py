@@ -16,9 +16,9 @@ instead:
   ``mass(q, K) = sum_{k in K} exp(s_k - lse)`` for each key set ``K`` -- exactly the eager
   softmax restricted to those rows. Work and memory are ``O(|Q| * L)`` per layer, never
   ``O(L^2)``, and keys after the last selected query are skipped (the mask is causal);
-* is differentiable (AGTO trains through it): each chunk runs under
-  ``torch.utils.checkpoint``, so backward recomputes the chunk's scores instead of storing
-  ``|Q| x L`` probabilities per layer.
+* is differentiable (AGTO trains through it) with a hand-written backward that recomputes each
+  chunk's scores instead of storing ``|Q| x L`` probabilities per layer, and that works with
+  activation checkpointing whether backward runs inside or after the capture block.
 
 Usage::
 
@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -181,19 +180,80 @@ def _scaled_key_attention(module, query, key, value, attention_mask, patch: KeyC
     return torch.where(rows[:, :, None, None], scaled, plain), None  # output is [B, q, H, d]
 
 
-def _chunk_masses(q, k, bias, key_sets, scale: float, logit_factor):
-    """Masses of one query chunk. q [B,Hkv,G,c,d], k [B,Hkv,Lk,d], bias [B,c,Lk],
-    key_sets [B,Lk,n], logit_factor [B,c,Lk] or None -> [B,Hkv,G,c,n] (float32)."""
+def _scores(q, k, bias, logit_factor, scale: float):
+    """Logits of a query chunk: q [B,Hkv,G,c,d], k [B,Hkv,Lk,d] -> [B,Hkv,G,c,Lk] (+ mask)."""
     b, hkv, g, c, d = q.shape
-    scores = torch.matmul(q.reshape(b, hkv, g * c, d), k.transpose(-1, -2)) * scale
-    scores = scores.view(b, hkv, g, c, -1)
+    scores = torch.matmul(q.reshape(b, hkv, g * c, d), k.transpose(-1, -2)).view(b, hkv, g, c, -1) * scale
     if logit_factor is not None:
         scores = scores * logit_factor[:, None, None]
-    scores = scores + bias[:, None, None]
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # no allowed key: masses 0
-    probs = torch.exp(scores - lse)
-    return torch.matmul(probs.view(b, hkv, g * c, -1), key_sets[:, None]).view(b, hkv, g, c, -1)
+    return scores + bias[:, None, None]
+
+
+class _KeySetMass(torch.autograd.Function):
+    """Masses ``[B, H, Q, n]`` of the selected query rows on ``n`` key sets, chunked over queries.
+
+    Hand-written forward and backward (rather than autograd over the chunk code) for two reasons:
+    autograd would keep the ``|Q| x L`` probabilities of every layer until backward, and the
+    tensors it needs are kept as ``ctx`` attributes instead of ``save_for_backward`` so they stay
+    invisible to activation checkpointing: a checkpointed layer recomputed during backward, after
+    the capture block has exited, then saves the same tensors as in the original forward. Backward
+    recomputes each chunk's probabilities ``p`` from the saved row log-sum-exp and uses
+    ``d mass_A / d s_k = p_k (1[k in A] - mass_A)``.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, index, has_key, bias, key_sets, logit_factor, scale, chunk_rows):
+        batch, heads, _, head_dim = query.shape
+        kv_heads, n_query = key.shape[1], index.shape[1]
+        groups = heads // kv_heads
+        q_sel = query.gather(2, index[:, None, :, None].expand(batch, heads, n_query, head_dim))
+        compute = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 for gradcheck
+        q_sel = q_sel.to(compute).view(batch, kv_heads, groups, n_query, head_dim)
+        k32 = key.to(compute)
+        masses, lses = [], []
+        for start in range(0, n_query, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            scores = _scores(q_sel[:, :, :, rows], k32, bias[:, rows],
+                             None if logit_factor is None else logit_factor[:, rows], scale)
+            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+            probs = torch.exp(scores - lse)
+            masses.append(torch.matmul(probs, key_sets[:, None, None]))
+            lses.append(lse)
+        mass = torch.cat(masses, dim=3)  # [B, Hkv, G, Q, n]
+        ctx.stash = (q_sel, key.detach(), index, has_key, bias, key_sets, logit_factor, torch.cat(lses, dim=3),
+                     mass, scale, chunk_rows, query.shape, query.dtype)
+        return (mass * has_key[:, None, None, :, None]).reshape(batch, heads, n_query, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mass):
+        (q_sel, key, index, has_key, bias, key_sets, logit_factor, lse, mass, scale, chunk_rows,
+         query_shape, query_dtype) = ctx.stash  # kept (not deleted) so retain_graph=True works
+        batch, kv_heads, groups, n_query, head_dim = q_sel.shape
+        k32 = key.to(q_sel.dtype)
+        grad = grad_mass.to(q_sel.dtype).reshape(mass.shape) * has_key[:, None, None, :, None]
+        grad_q = torch.zeros_like(q_sel)
+        grad_k = torch.zeros_like(k32)
+        for start in range(0, n_query, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            factor = None if logit_factor is None else logit_factor[:, rows]
+            q_chunk = q_sel[:, :, :, rows]
+            probs = torch.exp(_scores(q_chunk, k32, bias[:, rows], factor, scale) - lse[:, :, :, rows])
+            g = grad[:, :, :, rows]
+            per_key = torch.matmul(g, key_sets[:, None, None].transpose(-1, -2))  # [B,Hkv,G,c,Lk]
+            centred = per_key - (g * mass[:, :, :, rows]).sum(-1, keepdim=True)
+            d_logits = probs * centred * scale
+            if factor is not None:
+                d_logits = d_logits * factor[:, None, None]
+            c = q_chunk.shape[3]
+            flat = d_logits.reshape(batch, kv_heads, groups * c, -1)
+            grad_q[:, :, :, rows] = torch.matmul(flat, k32).view(batch, kv_heads, groups, c, head_dim)
+            grad_k += torch.matmul(flat.transpose(-1, -2), q_chunk.reshape(batch, kv_heads, groups * c, head_dim))
+        heads = kv_heads * groups
+        grad_query = torch.zeros(query_shape, dtype=q_sel.dtype, device=q_sel.device)
+        grad_query.scatter_add_(2, index[:, None, :, None].expand(batch, heads, n_query, head_dim),
+                                grad_q.reshape(batch, heads, n_query, head_dim))
+        return grad_query.to(query_dtype), grad_k.to(key.dtype), *([None] * 7)
 
 
 @dataclass
@@ -258,11 +318,13 @@ class Capture:
 
     def _observe(self, module, query, key, attention_mask, scale: float, patch: KeyColumnScale | None):
         layer = module.layer_idx
-        if layer in self._by_layer:
-            if torch._C._current_graph_task_id() != -1:
-                return  # gradient-checkpoint recomputation during backward: keep the first result
+        recomputing = torch._C._current_graph_task_id() != -1  # activation checkpointing, in backward
+        if layer in self._by_layer and not recomputing:
             raise RuntimeError(f"layer {layer} ran twice inside one capture; capture one forward pass")
-        self._by_layer[layer] = self._compute(module, query, key, attention_mask, scale, patch)
+        # recomputation must save the same tensors as the original forward, so it computes again;
+        # the first result (the one the loss was built from) is kept
+        masses = self._compute(module, query, key, attention_mask, scale, patch)
+        self._by_layer.setdefault(layer, masses)
 
     def _compute(self, module, query, key, attention_mask, scale, patch):
         batch, heads, q_len, head_dim = query.shape
@@ -280,8 +342,11 @@ class Capture:
         k_end = max(1, min(kv_len, k_end))
         allowed = self._allowed_rows(attention_mask, index, positions, q_len, kv_len, k_end, is_causal)
         allowed &= valid[:, :, None]
+        # a row without any allowed key (padding slot) would give a NaN softmax gradient even when
+        # masked out afterwards: let it see every key and zero its masses at the end instead
+        has_key = allowed.any(dim=-1)
         bias = torch.zeros(allowed.shape, device=device, dtype=torch.float32)
-        bias.masked_fill_(~allowed, float("-inf"))
+        bias.masked_fill_(~allowed & has_key[:, :, None], float("-inf"))
         key_sets = torch.stack([m.to(device)[:, :k_end] for m in self.key_masks.values()]
                                + [torch.ones(batch, k_end, dtype=torch.bool, device=device)], dim=-1)
         key_sets = key_sets.to(torch.float32)
@@ -291,24 +356,9 @@ class Capture:
             col = patch.key_factor(k_end, device, torch.float32)[:, None, :]  # [B, 1, Lk]
             logit_factor = 1.0 + rows * (col - 1.0)
 
-        kv_heads = key.shape[1]
-        groups = heads // kv_heads
-        q_sel = query.gather(2, index[:, None, :, None].expand(batch, heads, index.shape[1], head_dim))
-        q_sel = q_sel.to(torch.float32).view(batch, kv_heads, groups, index.shape[1], head_dim)
-        k_use = key[:, :, :k_end].to(torch.float32)
-        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-        step = max(1, self.chunk_bytes // max(1, 4 * batch * heads * k_end * (3 if grad else 2)))
-        chunks = []
-        for start in range(0, index.shape[1], step):
-            stop = min(index.shape[1], start + step)
-            args = (q_sel[:, :, :, start:stop], k_use, bias[:, start:stop], key_sets, scale,
-                    None if logit_factor is None else logit_factor[:, start:stop])
-            if grad:
-                chunks.append(checkpoint(_chunk_masses, *args, use_reentrant=False, preserve_rng_state=False))
-            else:
-                chunks.append(_chunk_masses(*args))
-        masses = torch.cat(chunks, dim=3).reshape(batch, heads, index.shape[1], -1)
-        return masses * valid[:, None, :, None]
+        chunk_rows = max(1, self.chunk_bytes // max(1, 8 * batch * heads * k_end))
+        return _KeySetMass.apply(query, key[:, :, :k_end], index, has_key, bias, key_sets, logit_factor,
+                                 scale, chunk_rows)
 
     @staticmethod
     def _allowed_rows(attention_mask, index, positions, q_len, kv_len, k_end, is_causal) -> torch.Tensor:
@@ -355,9 +405,11 @@ class AttentionLens:
         All masks are bool ``[B, L]``; ``key_masks`` adds further named key sets.
         """
         sets: dict[str, torch.Tensor] = {}
-        for name, mask in (("image", image_mask), ("system", system_mask), *(key_masks or {}).items()):
+        named = [("image", "image_mask", image_mask), ("system", "system_mask", system_mask)]
+        named += [(name, f"key_masks[{name!r}]", mask) for name, mask in (key_masks or {}).items()]
+        for name, label, mask in named:
             if mask is not None:
-                sets[name] = _bool_mask(name, mask, query_mask.shape)
+                sets[name] = _bool_mask(label, mask, query_mask.shape)
         if "total" in sets:
             raise ValueError("'total' is reserved for the mass on all keys")
         query_mask = _bool_mask("query_mask", query_mask, query_mask.shape)

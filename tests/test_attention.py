@@ -1,0 +1,255 @@
+"""The lens against eager ``output_attentions=True`` on the tiny Qwen2.5-VL (GQA, M-RoPE).
+
+Helpers ``tiny_models`` and ``chat_batch`` are reused by the objectives/intervention/VAS tests.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.attention import IMPLEMENTATION, AttentionLens, decoder_attention_modules
+from pipeline.models import build_inputs, load_model_and_processor, tiny_model_path
+from pipeline.spans import compute_spans
+
+REL_TOL = 1e-4
+
+
+@cache
+def tiny_models():
+    """(sdpa model, eager model with the same weights, processor), float32, eval mode."""
+    path = tiny_model_path()
+    model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation="sdpa")
+    eager, _ = load_model_and_processor(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval(), eager.eval(), processor
+
+
+def _image(seed: int, size: tuple[int, int]) -> Image.Image:
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+SAMPLES = [  # (images, question, answer): one image, two images, a longer answer
+    ([(64, 48)], "What is x?", "<think>x is 2</think><answer>2</answer>"),
+    ([(100, 80), (30, 30)], "Solve for x: 3x + 5 = 20", "<think>3x = 15 so x = 5</think><answer>5</answer>"),
+    ([(56, 112)], "The angle at B is marked 40 degrees. Find the angle at A.",
+     "<think>Look back at the triangle: 180 - 90 - 40 = 50.</think><answer>50</answer>"),
+]
+
+
+def chat_batch(processor, padding_side: str = "left", samples=SAMPLES, with_answer: bool = True):
+    """(inputs, spans) for ``samples`` as one padded batch."""
+    conversations, images = [], []
+    for i, (sizes, question, answer) in enumerate(samples):
+        content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": question}]
+        turns = [{"role": "user", "content": content}]
+        if with_answer:
+            turns.append({"role": "assistant", "content": answer})
+        conversations.append(turns)
+        images.append([_image(10 * i + j, size) for j, size in enumerate(sizes)])
+    inputs = build_inputs(processor, conversations, images, padding_side=padding_side,
+                          add_generation_prompt=not with_answer)
+    inputs.pop("mm_token_type_ids", None)
+    return inputs, compute_spans(inputs["input_ids"], inputs["attention_mask"], processor)
+
+
+def eager_masses(eager, inputs, query_mask, key_mask, layers):
+    """Reference per-position masses ``[n_layers, B, H, L]`` from materialised attention."""
+    out = eager(**inputs, output_attentions=True)
+    attn = torch.stack([out.attentions[layer] for layer in layers])
+    return (attn * key_mask[None, :, None, None, :]).sum(-1) * query_mask[None, :, None, :]
+
+
+def assert_close(got, ref, tol=REL_TOL):
+    scale = ref.abs().max().clamp(min=1e-12)
+    assert float((got - ref).abs().max() / scale) <= tol, float((got - ref).abs().max() / scale)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("query_span", ["user", "response"])
+def test_masses_match_eager_attention(padding_side, query_span):
+    model, eager, processor = tiny_models()
+    inputs, spans = chat_batch(processor, padding_side)
+    query = getattr(spans, query_span)
+    assert bool((inputs["attention_mask"] == 0).any()), "the batch must contain padding"
+    layers = [0, 2, 3]
+    with torch.no_grad():
+        with AttentionLens(model, layers=layers).capture(query, spans.image, spans.system) as cap:
+            model(**inputs)
+        for name, keys in (("image", spans.image), ("system", spans.system)):
+            assert_close(cap.dense(name), eager_masses(eager, inputs, query, keys, layers))
+        all_keys = inputs["attention_mask"].bool()
+        assert_close(cap.dense("total"), eager_masses(eager, inputs, query, all_keys, layers))
+    assert cap.image.shape == (3, 3, model.config.text_config.num_attention_heads, int(query.sum(1).max()))
+    n_queries = query.sum(1).float().view(1, -1, 1).expand_as(cap.total[..., 0])
+    assert torch.allclose(cap.total.sum(-1), n_queries, atol=1e-4)  # each query row sums to 1
+
+
+def test_compact_layout_and_counts():
+    model, _, processor = tiny_models()
+    inputs, spans = chat_batch(processor)
+    with torch.no_grad(), AttentionLens(model).capture(spans.user, spans.image, spans.system) as cap:
+        model(**inputs)
+    assert cap.layers == [0, 1, 2, 3]
+    assert torch.equal(cap.key_counts("image"), spans.image.sum(1))
+    for b in range(spans.user.shape[0]):
+        positions = spans.user[b].nonzero().squeeze(1)
+        n = len(positions)
+        assert torch.equal(cap.query_index[b, :n], positions)
+        assert cap.query_valid[b, :n].all() and not cap.query_valid[b, n:].any()
+        assert (cap.image[:, b, :, n:] == 0).all()
+
+
+def test_model_outputs_unchanged_and_implementation_restored():
+    model, _, processor = tiny_models()
+    inputs, spans = chat_batch(processor, "right")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with AttentionLens(model, layers=[1]).capture(spans.user, spans.image, spans.system):
+            assert model.config.text_config._attn_implementation == IMPLEMENTATION
+            assert model.config.vision_config._attn_implementation == "sdpa"
+            lensed = model(**inputs).logits
+    assert torch.equal(plain, lensed)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "_avar_lens_capture") for m in decoder_attention_modules(model))
+    with pytest.raises(RuntimeError, match="boom"):
+        with AttentionLens(model).capture(spans.user, spans.image, spans.system):
+            raise RuntimeError("boom")
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_unpadded_single_sample_and_tiny_chunks_agree_with_eager():
+    """No padding -> SDPA gets no mask (is_causal path); chunks of one query give the same."""
+    model, eager, processor = tiny_models()
+    inputs, spans = chat_batch(processor, samples=SAMPLES[1:2])
+    assert bool(inputs["attention_mask"].all())
+    with torch.no_grad():
+        lens = AttentionLens(model, layers=[-1], chunk_bytes=1)
+        with lens.capture(spans.response, spans.image, spans.system) as cap:
+            model(**inputs)
+        assert_close(cap.dense("image"), eager_masses(eager, inputs, spans.response, spans.image, [3]))
+
+
+def _agto_like_loss(masses_image, masses_system):
+    return -(masses_image + 1e-6).log().mean() + (masses_system + 1e-6).log().mean()
+
+
+def _param_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradients_match_eager():
+    model, eager, processor = tiny_models()
+    inputs, spans = chat_batch(processor)
+    q, layers = spans.user, [0, 3]
+    valid = q[None, :, None, :].expand(len(layers), -1, model.config.text_config.num_attention_heads, -1)
+
+    eager.zero_grad()
+    out = eager(**inputs, output_attentions=True)
+    attn = torch.stack([out.attentions[layer] for layer in layers])
+    image = (attn * spans.image[None, :, None, None, :]).sum(-1)[valid]
+    system = (attn * spans.system[None, :, None, None, :]).sum(-1)[valid]
+    _agto_like_loss(image, system).backward()
+    expected = _param_grads(eager)
+
+    model.zero_grad()
+    with AttentionLens(model, layers=layers).capture(q, spans.image, spans.system) as cap:
+        model(**inputs)
+    _agto_like_loss(cap.dense("image")[valid], cap.dense("system")[valid]).backward()
+    got = _param_grads(model)
+    eager.zero_grad()
+    model.zero_grad()
+
+    assert set(got) == set(expected)
+    touched = [n for n in got if "language_model.layers.3.self_attn.q_proj" in n or "visual" in n]
+    zero = [n for n in touched if not got[n].abs().sum() > 0]
+    assert touched and not zero, zero
+    for name in expected:
+        assert_close(got[name], expected[name], tol=1e-3)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model, _, processor = tiny_models()
+    inputs, spans = chat_batch(processor)
+
+    def grads():
+        model.zero_grad()
+        with AttentionLens(model, layers=[1, 2]).capture(spans.user, spans.image, spans.system) as cap:
+            model(**inputs)
+        _agto_like_loss(cap.image.sum(-1), cap.system.sum(-1)).backward()
+        return _param_grads(model)
+
+    plain = grads()
+    model.train()
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    try:
+        checkpointed = grads()
+    finally:
+        model.activation_checkpointing_disable()
+        model.eval()
+        model.zero_grad()
+    for name in plain:
+        assert_close(checkpointed[name], plain[name], tol=1e-5)
+
+
+def test_bfloat16_no_grad_is_close_to_float32():
+    model, _, processor = tiny_models()
+    inputs, spans = chat_batch(processor)
+    with torch.no_grad():
+        with AttentionLens(model).capture(spans.user, spans.image, spans.system) as ref:
+            model(**inputs)
+        model.to(torch.bfloat16)
+        try:
+            bf16_inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
+            with AttentionLens(model).capture(spans.user, spans.image, spans.system) as cap:
+                model(**bf16_inputs)
+        finally:
+            model.to(torch.float32)
+    assert cap.image.dtype == torch.float32
+    assert_close(cap.image, ref.image, tol=0.05)
+
+
+def test_misuse_is_reported_clearly():
+    model, _, processor = tiny_models()
+    inputs, spans = chat_batch(processor)
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        AttentionLens(model, layers=[9])
+    with pytest.raises(ValueError, match="image_mask has shape"):
+        with AttentionLens(model).capture(spans.user, spans.image[:, :-1], spans.system):
+            pass
+    with pytest.raises(RuntimeError, match="ran twice"), torch.no_grad():
+        with AttentionLens(model).capture(spans.user, spans.image, spans.system):
+            model(**inputs)
+            model(**inputs)
+    with pytest.raises(RuntimeError, match="no attention was observed"):
+        with AttentionLens(model).capture(spans.user, spans.image, spans.system) as cap:
+            pass
+        cap.image  # noqa: B018
+    with pytest.raises(ValueError, match="no decoder attention modules"):
+        AttentionLens(torch.nn.Linear(2, 2))
+
+
+def test_key_set_mass_backward_passes_gradcheck():
+    """The hand-written backward against finite differences (float64, GQA, logit scaling,
+    chunking, a padding query slot and masked keys)."""
+    from pipeline.attention import _KeySetMass
+
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 7, 3
+    query = torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(batch, kv_heads, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([[2, 4, 6], [5, 6, 0]])
+    has_key = torch.tensor([[True, True, True], [True, True, False]])
+    allowed = torch.arange(length)[None, None, :] <= index[:, :, None]
+    allowed[0, :, 0] = False  # a masked (padding) key
+    bias = torch.zeros(batch, 3, length, dtype=torch.float64).masked_fill(~allowed & has_key[..., None], float("-inf"))
+    key_sets = (torch.rand(batch, length, 2, generator=gen) > 0.5).to(torch.float64)
+    factor = 1 + 0.3 * torch.rand(batch, 3, length, generator=gen, dtype=torch.float64)
+    for logit_factor in (None, factor):
+        assert torch.autograd.gradcheck(
+            lambda q, k, f=logit_factor: _KeySetMass.apply(q, k, index, has_key, bias, key_sets, f, 0.5, 2),
+            (query, key))
