@@ -1,0 +1,234 @@
+"""Seed problems from existing datasets: local folders and files, or the Hugging Face Hub.
+
+Reading is delegated to ``datasets``: ``load_from_disk`` for ``save_to_disk`` folders (memory
+mapped), and streaming ``load_dataset`` for everything else (a folder of parquet/jsonl/csv
+files, an image folder with ``metadata.jsonl``/``metadata.csv``, single files, a Hub repo id),
+with image decoding switched off so images arrive as raw ``{"bytes", "path"}`` and each one goes
+through :func:`pipeline.images.image_record` here. Memory stays flat: rows stream one at a time
+(Arrow batches of :data:`BATCH_ROWS` for ``save_to_disk`` folders).
+
+Every row becomes a seed record or a :class:`~pipeline.records.Reject` (stage ``"seeds"``)
+naming the row and the field: image problems carry the :class:`~pipeline.images.ImageError`
+reason (``image_empty``, ``image_corrupt``, ``image_not_an_image``, ``image_too_large``, plus
+``image_missing`` for a path that does not exist); absent fields are ``field_missing`` and
+wrongly typed ones ``schema_invalid``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.ids import sample_id
+from pipeline.images import ImageError, image_record
+from pipeline.records import RecordError, Reject, validate
+from pipeline.seeds.config import SeedsConfig
+
+BATCH_ROWS = 64
+STAGE = "seeds"
+_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+_IMAGE_TOKEN = re.compile(r"\s*<image>\s*")
+_LETTER = re.compile(r"^\(?([A-Ha-h])\)?\.?$")
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+
+class RowError(Exception):
+    """A row that cannot become a seed: reason code, JSON path of the field, message."""
+
+    def __init__(self, reason: str, field: str, message: str):
+        self.reason, self.field, self.message = reason, field, message
+        super().__init__(message)
+
+
+def source_name(config: SeedsConfig) -> str:
+    if config.source:
+        return config.source
+    if config.kind == "hub":
+        return str(config.repo_id)
+    path = Path(str(config.path)).resolve()
+    return (path.name if path.is_dir() else path.stem) or "local"
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").exists() or (
+        (folder / "state.json").exists() and (folder / "dataset_info.json").exists())
+
+
+def _arrow_rows(dataset) -> Iterator[dict]:
+    """Rows of an in-memory/memory-mapped Dataset without decoding images."""
+    for table in dataset.with_format("arrow").iter(batch_size=BATCH_ROWS):
+        yield from table.to_pylist()
+
+
+def _pick_split(dataset_dict, split: str, where: str):
+    if split not in dataset_dict:
+        raise ValueError(f"seeds.split: {where} has no split {split!r} (available: {sorted(dataset_dict)})")
+    return dataset_dict[split]
+
+
+def open_rows(config: SeedsConfig) -> tuple[Iterator[dict], Path | None]:
+    """(row iterator, folder that relative image paths resolve against)."""
+    import datasets  # heavy import, only when a dataset is read
+
+    if config.kind == "hub":
+        ds = datasets.load_dataset(config.repo_id, name=config.config_name, split=config.split,
+                                   streaming=config.streaming)
+        rows = iter(ds.decode(False)) if config.streaming else _arrow_rows(ds)
+        return rows, Path(config.image_root) if config.image_root else None
+    path = Path(str(config.path)).expanduser()
+    if not path.exists():
+        raise ValueError(f"seeds.path: {path} does not exist")
+    base = Path(config.image_root) if config.image_root else (path if path.is_dir() else path.parent)
+    if path.is_dir() and _is_saved_dataset(path):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = _pick_split(ds, config.split, str(path))
+        return _arrow_rows(ds), base
+    if path.is_dir():
+        ds = datasets.load_dataset(str(path), name=config.config_name, split=config.split, streaming=True)
+    else:
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"seeds.path: {path} is not a dataset folder or a "
+                             f"{'/'.join(sorted(_FILE_BUILDERS))} file")
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+    return iter(ds.decode(False)), base
+
+
+def iter_dataset(config: SeedsConfig) -> Iterator[dict | Reject]:
+    """Seed records or rejects, one per row, at most ``config.n`` rows."""
+    source = source_name(config)
+    rows, base = open_rows(config)
+    for index, row in enumerate(rows):
+        if config.n is not None and index >= config.n:
+            break
+        yield row_to_seed(row, index, config, source, base)
+
+
+def _image_bytes(item: Any, field: str, base: Path | None) -> tuple[bytes, str | None]:
+    if isinstance(item, dict):
+        if item.get("bytes") is not None:
+            return bytes(item["bytes"]), item.get("path")
+        if item.get("path"):
+            return _read_path(str(item["path"]), field, base), str(item["path"])
+        raise RowError("field_missing", field, "image entry has neither bytes nor a path")
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item), None
+    if isinstance(item, (str, os.PathLike)):
+        return _read_path(os.fspath(item), field, base), os.fspath(item)
+    if hasattr(item, "save") and hasattr(item, "size"):  # a decoded PIL image
+        buf = io.BytesIO()
+        item.save(buf, format="PNG")
+        return buf.getvalue(), None
+    raise RowError("schema_invalid", field, f"expected image bytes, a path or an {{bytes, path}} "
+                                            f"dict, got {type(item).__name__}")
+
+
+def _read_path(raw: str, field: str, base: Path | None) -> bytes:
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError("image_missing", f"file {path} does not exist") from None
+    except OSError as err:
+        raise ImageError("image_missing", f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _text_field(row: dict, column: str, what: str) -> str:
+    field = f"$.{column}"
+    if column not in row:
+        raise RowError("field_missing", field, f"no {what} column {column!r} (columns: {sorted(row)})")
+    value = row[column]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise RowError("field_missing", field, f"{what} is empty")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RowError("schema_invalid", field, f"{what} must be text, got {type(value).__name__}")
+    text = str(value).strip()
+    if not text:
+        raise RowError("field_missing", field, f"{what} is empty")
+    return text
+
+
+def _choices(row: dict, column: str | None) -> list[str] | None:
+    if not column:
+        return None
+    value = row.get(column)
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowError("schema_invalid", f"$.{column}", "choices string is not a JSON list") from None
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(c, (str, int, float)) for c in value):
+        raise RowError("schema_invalid", f"$.{column}", f"choices must be a list of strings, got {value!r:.80}")
+    return [str(c) for c in value]
+
+
+def _answer_type(config: SeedsConfig, answer: str, choices: list[str] | None) -> tuple[str, str]:
+    """(answer_type, gold answer), letters normalised to upper case for choice problems."""
+    if config.answer_type != "auto":
+        return config.answer_type, answer
+    letter = _LETTER.match(answer)
+    if choices and letter and ord(letter.group(1).upper()) - 65 < len(choices):
+        return "choice", letter.group(1).upper()
+    if choices and answer in choices:
+        return "choice", chr(65 + choices.index(answer))
+    if _NUMBER.match(answer.replace(",", "")):
+        return "number", answer
+    return "text", answer
+
+
+def row_to_seed(row: dict, index: int, config: SeedsConfig, source: str, base: Path | None) -> dict | Reject:
+    """One dataset row as a seed record, or a reject naming the row and the field."""
+    where = f"{source} row {index}"
+    try:
+        question = _text_field(row, config.question_column, "question")
+        if config.strip_image_tokens:
+            question = _IMAGE_TOKEN.sub(" ", question).strip()
+            if not question:
+                raise RowError("field_missing", f"$.{config.question_column}", "question is only <image> tokens")
+        answer = _text_field(row, config.answer_column, "answer")
+        choices = _choices(row, config.choices_column)
+        column = config.image_column if config.image_column in row or "image" not in row else "image"
+        if column not in row or row[column] is None or row[column] == []:
+            raise RowError("field_missing", f"$.{column}", f"no image in column {column!r}")
+        many = isinstance(row[column], (list, tuple))
+        items = row[column] if many else [row[column]]
+        images = []
+        for k, item in enumerate(items):
+            field = f"$.{column}[{k}]" if many else f"$.{column}"
+            try:
+                data, path = _image_bytes(item, field, base)
+                images.append(image_record(data, path=path, max_pixels=config.max_source_pixels))
+            except ImageError as err:
+                path_hint = item.get("path") if isinstance(item, dict) else item if isinstance(item, str) else None
+                hint = f" ({path_hint})" if path_hint else ""
+                raise RowError(err.reason, field, f"image {k}{hint}: {err.message}") from None
+        difficulty = None
+        if config.difficulty_column and row.get(config.difficulty_column) is not None:
+            difficulty = row[config.difficulty_column]
+            if isinstance(difficulty, bool) or not isinstance(difficulty, int) or not 1 <= difficulty <= 5:
+                raise RowError("schema_invalid", f"$.{config.difficulty_column}",
+                               f"difficulty must be an integer 1-5, got {difficulty!r}")
+        answer_type, gold = _answer_type(config, answer, choices)
+    except RowError as err:
+        return Reject(id=f"{source}:row{index}", stage=STAGE, reason=err.reason,
+                      message=f"{where}: field {err.field}: {err.message}", field=err.field, source=source)
+    record = {"id": sample_id([im["bytes"] for im in images], question, source), "images": images,
+              "question": question, "gold_answer": gold, "answer_type": answer_type, "choices": choices,
+              "source": source, "difficulty": difficulty, "scene": None}
+    try:
+        validate("seed", record)
+    except RecordError as err:
+        return Reject(id=f"{source}:row{index}", stage=STAGE, reason="schema_invalid",
+                      message=f"{where}: field {err.field}: {err.message}", field=err.field, source=source)
+    return record
