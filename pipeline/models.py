@@ -27,6 +27,7 @@ from transformers import AutoConfig, BatchFeature
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from pipeline.images import open_image
 from pipeline.spans import SpecialTokens
 
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "prompts" / "chat_templates"
@@ -184,7 +185,7 @@ def _template_probes() -> list[list[dict]]:
 
 
 def build_inputs(processor: ProcessorMixin, conversations: list[list[dict]],
-                 images: list[list[Image.Image]] | None = None,
+                 images: list[list[Image.Image | bytes]] | None = None,
                  add_generation_prompt: bool = False, padding_side: str = "right",
                  max_pixels: int | None = None) -> BatchFeature:
     """Batched chat inputs: ``input_ids``, ``attention_mask`` and, when any sample has images,
@@ -192,11 +193,14 @@ def build_inputs(processor: ProcessorMixin, conversations: list[list[dict]],
 
     Messages use the HF format, e.g. ``{"role": "user", "content": [{"type": "image"},
     {"type": "text", "text": "..."}]}``; ``images[i]`` are the images of conversation ``i`` in
-    the order of its image parts. ``max_pixels`` caps each image's resized area (keep it fixed
-    within a dataset: raw VAS depends on the number of image tokens).
+    the order of its image parts, as PIL images or encoded bytes (decoded with
+    :func:`pipeline.images.open_image`). ``max_pixels`` caps each image's resized area (keep it
+    fixed within a dataset: raw VAS depends on the number of image tokens).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels <= 0):
+        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
     if not conversations:
         raise ValueError("build_inputs needs at least one conversation")
     images = images if images is not None else [[] for _ in conversations]
@@ -211,15 +215,25 @@ def build_inputs(processor: ProcessorMixin, conversations: list[list[dict]],
     texts = [processor.apply_chat_template(c, tokenize=False,
                                            add_generation_prompt=add_generation_prompt)
              for c in conversations]
-    flat = [img.convert("RGB") for sample_images in images for img in sample_images]
+    flat = [_as_rgb(img, i) for i, sample_images in enumerate(images) for img in sample_images]
     kwargs: dict[str, Any] = {}
     if max_pixels is not None:
-        size = dict(processor.image_processor.size)
-        size["longest_edge"] = int(max_pixels)
-        size["shortest_edge"] = min(size.get("shortest_edge") or 0, int(max_pixels))
+        current = processor.image_processor.size
+        shortest = (current.get("shortest_edge") if isinstance(current, dict)
+                    else getattr(current, "shortest_edge", None)) or 0
+        size = {"shortest_edge": min(shortest, max_pixels), "longest_edge": max_pixels}
         kwargs["images_kwargs"] = {"size": size}
     return processor(text=texts, images=flat or None, padding=True, padding_side=padding_side,
                      return_tensors="pt", **kwargs)
+
+
+def _as_rgb(image: Image.Image | bytes, index: int) -> Image.Image:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = open_image(bytes(image))
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"conversation {index}: images must be PIL images or encoded bytes, "
+                         f"got {type(image).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _check_conversation(conversation: list[dict], index: int, special: set[str]) -> int:

@@ -29,11 +29,11 @@ QWEN_VL_SPECIAL_TOKENS = (
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )
 
-TINY_TEXT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, max_position_embeddings=8192)
-TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                   fullatt_block_indexes=[1])
+TINY_TEXT = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 8192}
+TINY_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+               "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+               "window_size": 112, "fullatt_block_indexes": [1]}
 TINY_MAX_PIXELS = 28 * 28 * 64  # at most 64 image tokens per image by default
 TINY_MIN_PIXELS = 28 * 28 * 4
 
@@ -96,10 +96,11 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, model_type: str = "qwen
     ``model_type`` is ``qwen2_5_vl`` or ``qwen2_vl``. Written atomically (temp folder, rename);
     an existing ``out_dir`` is an error.
     """
-    from pipeline.models import QwenVLImageProcessorOnly, chat_template
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
+
+    from pipeline.models import QwenVLImageProcessorOnly, chat_template
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -151,7 +152,7 @@ def train_tokenizer(vocab_size: int = 4096, seed: int = 0):
                                eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                extra_special_tokens=list(QWEN_VL_SPECIAL_TOKENS),
                                model_max_length=32768)
-    tokenizer.image_token = "<|image_pad|>"  # noqa: S105 - a token name, not a secret
+    tokenizer.image_token = "<|image_pad|>"
     return tokenizer
 
 
@@ -182,9 +183,9 @@ def _build_model(tokenizer, model_type: str, seed: int, vision: dict, text_overr
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                 rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
                                  "mrope_section": [2 * unit, 3 * unit, 3 * unit]})
-    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"],
-                  vision_end_token_id=ids["<|vision_end|>"], text_config=text)
+    common = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+              "vision_start_token_id": ids["<|vision_start|>"],
+              "vision_end_token_id": ids["<|vision_end|>"], "text_config": text}
     if model_type == "qwen2_5_vl":
         config = transformers.Qwen2_5_VLConfig(
             vision_config={**vision, "out_hidden_size": text["hidden_size"]}, **common)

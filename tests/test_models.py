@@ -148,7 +148,8 @@ def test_template_renders_like_stock_qwen_template(tiny_processor):
     for conversation in CONVERSATIONS:
         for gen in (False, True):
             for vision_id in (False, True):
-                kwargs = dict(tokenize=False, add_generation_prompt=gen, add_vision_id=vision_id)
+                kwargs = {"tokenize": False, "add_generation_prompt": gen,
+                          "add_vision_id": vision_id}
                 ours = tiny_processor.apply_chat_template(conversation, **kwargs)
                 stock = tiny_processor.apply_chat_template(
                     conversation, chat_template=STOCK_QWEN_VL_TEMPLATE, **kwargs)
@@ -193,6 +194,44 @@ def test_build_inputs_padding_and_generation_prompt(tiny_processor):
 def test_build_inputs_refuses_bad_input(tiny_processor, conversations, images, match):
     with pytest.raises(ValueError, match=match):
         build_inputs(tiny_processor, conversations, images)
+
+
+def test_build_inputs_accepts_bytes_and_other_modes(tiny_processor):
+    from pipeline.images import encode_png
+    image = make_image(5, (90, 70))
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                 {"type": "text", "text": "?"}]}]
+    from_pil = build_inputs(tiny_processor, [conversation], [[image, image.convert("L")]])
+    from_bytes = build_inputs(tiny_processor, [conversation],
+                              [[encode_png(image), image.convert("RGBA")]])
+    assert torch.equal(from_pil["input_ids"], from_bytes["input_ids"])
+    first = int(from_pil["image_grid_thw"][0].prod())
+    assert torch.equal(from_pil["pixel_values"][:first], from_bytes["pixel_values"][:first])
+    with pytest.raises(TypeError, match="PIL images or encoded bytes"):
+        build_inputs(tiny_processor, [conversation], [[image, "not an image"]])
+    with pytest.raises(ValueError, match="max_pixels"):
+        build_inputs(tiny_processor, [conversation], [[image, image]], max_pixels=0)
+
+
+def test_loads_a_stock_layout_checkpoint_without_torchvision(tiny_model_dir, tmp_path):
+    """A folder laid out like Qwen/Qwen2.5-VL-7B-Instruct (stock processor class, torchvision
+    image processor type, chat_template.json) loads with the image-only processor."""
+    import shutil
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": STOCK_QWEN_VL_TEMPLATE}))
+    model, processor = load_model_and_processor(tmp_path)
+    assert isinstance(processor, QwenVLImageProcessorOnly)
+    assert processor.chat_template == chat_template()  # stock template swapped for ours
+    batch = build_inputs(processor, [CONVERSATIONS[0]], [[make_image(0, (300, 200))]])
+    assert batch["image_grid_thw"].tolist() == [[1, 14, 22]]  # stock smart_resize of 300x200
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
 
 
 def test_build_inputs_refuses_bad_padding_side(tiny_processor):
