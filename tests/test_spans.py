@@ -130,6 +130,27 @@ def test_response_equals_trl_assistant_mask(tiny_processor):
     assert spans.response[0].tolist() == [bool(m) for m in out["assistant_masks"]]
 
 
+def test_response_equals_assistant_mask_of_processor_chat_template_with_images(tiny_processor):
+    """The path TRL's vision collator takes (images inside messages, right padding)."""
+    messages = [
+        [{"role": "user", "content": [{"type": "image", "image": make_image(0)},
+                                      {"type": "text", "text": "What is x?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "<think>a</think>"}]}],
+        [{"role": "user", "content": [{"type": "image", "image": make_image(1, (100, 80))},
+                                      {"type": "text", "text": "A longer question here?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "B"}]}],
+    ]
+    out = tiny_processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_tensors="pt",
+        return_assistant_tokens_mask=True,
+        processor_kwargs={"padding": True, "padding_side": "right", "add_special_tokens": False})
+    spans = compute_spans(out["input_ids"], out["attention_mask"], tiny_processor)
+    assert (out["attention_mask"] == 0).any()
+    assert torch.equal(spans.response, out["assistant_masks"].bool())
+    merge = tiny_processor.image_processor.merge_size
+    assert spans.image.sum(dim=1).tolist() == (out["image_grid_thw"].prod(dim=1) // merge**2).tolist()
+
+
 def test_generation_prompt_adds_no_response(tiny_processor):
     conversation = _qa("Q?", "A.") + [{"role": "user", "content": "Again?"}]
     batch = build_inputs(tiny_processor, [conversation], [[make_image(0)]],
