@@ -92,6 +92,7 @@ class Funnel:
     rejects: dict[str, int] = field(default_factory=dict)
     vas: dict = field(default_factory=dict)  # criterion, metric, threshold, quantile, resolved threshold, stats
     upstream: dict[str, dict] = field(default_factory=dict)  # earlier store stages: results/rejects/reasons
+    usage: dict[str, dict] = field(default_factory=dict)  # teacher tokens per stage over all filter inputs
     config: dict = field(default_factory=dict)
 
     @property
@@ -103,7 +104,7 @@ class Funnel:
 
     @classmethod
     def from_dict(cls, data: dict) -> Funnel:
-        return cls(**{k: data.get(k) or {} for k in ("steps", "rejects", "vas", "upstream", "config")})
+        return cls(**{k: data.get(k) or {} for k in ("steps", "rejects", "vas", "upstream", "usage", "config")})
 
     def write(self, path: str | os.PathLike) -> Path:
         """Atomically write the funnel as JSON."""
@@ -151,8 +152,9 @@ def stateless_failure(record: dict, cfg: FilterConfig) -> tuple[str, str, str, s
         if not verification["correct"]:
             predicted = verification.get("predicted", record.get("predicted_answer"))
             gold = verification.get("gold", record.get("gold_answer"))
-            return ("correct", "answer_wrong", f"predicted {predicted!r} != gold {gold!r} "
-                    f"({verification.get('method', '?')})", "$.verification.correct")
+            method = verification.get("method", "?")
+            return ("correct", "answer_wrong", f"predicted {predicted!r} != gold {gold!r} ({method})",
+                    "$.verification.correct")
     response = record.get("response")
     if cfg.require_format and not response_format_ok(response):
         return "format", "format_invalid", "response is not <think>...</think><answer>...</answer>", "$.response"
@@ -167,6 +169,23 @@ def stateless_failure(record: dict, cfg: FilterConfig) -> tuple[str, str, str, s
     if cfg.max_response_length is not None and length > cfg.max_response_length:
         return "length", "too_long", f"response {length} {cfg.length_unit} > {cfg.max_response_length}", "$.response"
     return None
+
+
+def tally_usage(usage: dict[str, dict], record: dict) -> None:
+    """Add ``record``'s teacher token usage to ``usage`` (per stage; cached calls cost nothing now)."""
+    for name, out in (record.get("stages") or {}).items():
+        used = (out or {}).get("usage") or {}
+        row = usage.setdefault(name, {"samples": 0, "cached": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                      "billed_prompt_tokens": 0, "billed_completion_tokens": 0})
+        prompt, completion = int(used.get("prompt_tokens") or 0), int(used.get("completion_tokens") or 0)
+        row["samples"] += 1
+        row["prompt_tokens"] += prompt
+        row["completion_tokens"] += completion
+        if out.get("cached"):
+            row["cached"] += 1
+        else:
+            row["billed_prompt_tokens"] += prompt
+            row["billed_completion_tokens"] += completion
 
 
 def duplicate_key(record: dict) -> str:
@@ -187,7 +206,7 @@ class DuplicateGate:
         self.seen: set[str] = set()
         self.near = None
         if near:
-            from pipeline.dedup import Deduplicator  # noqa: PLC0415 - optional until the module lands
+            from pipeline.dedup import Deduplicator
 
             self.near = Deduplicator(threshold=threshold)
 
@@ -207,7 +226,7 @@ class DuplicateGate:
 
 def _near_dedup_available() -> bool:
     try:
-        import pipeline.dedup  # noqa: F401, PLC0415
+        import pipeline.dedup  # noqa: F401
     except ImportError:
         return False
     return True
@@ -232,9 +251,11 @@ class FilterStage:
         self.steps = dict.fromkeys(STEPS, 0)
         self.rejects: dict[str, int] = {}
         self.vas_info: dict = {"criterion": "none", "threshold": vas_threshold}
+        self.usage: dict[str, dict] = {}
 
     def check(self, record: dict) -> Reject | None:
         """Run all checks on one record; None means kept. Counts into the funnel."""
+        tally_usage(self.usage, record)
         found = stateless_failure(record, self.config)
         if found is None and self.vas_threshold is not None:
             metric = self.config.vas_metric
@@ -263,7 +284,8 @@ class FilterStage:
         return [self.check(rec) or rec for rec in batch]
 
     def funnel(self) -> Funnel:
-        return Funnel(steps=dict(self.steps), rejects=dict(sorted(self.rejects.items())))
+        return Funnel(steps=dict(self.steps), rejects=dict(sorted(self.rejects.items())), vas=dict(self.vas_info),
+                      usage={k: dict(v) for k, v in sorted(self.usage.items())})
 
 
 def resolve_vas_threshold(config: FilterConfig, records: Iterable[dict]) -> tuple[float | None, dict]:
@@ -347,7 +369,6 @@ def run_filter(config: FilterConfig, store: WorkStore, inputs_stage: str = "vas"
     finally:
         shutil.rmtree(building, ignore_errors=True)
     funnel = stage.funnel()
-    funnel.vas = stage.vas_info
     funnel.upstream = store_summary(store, exclude=(output_stage,))
     funnel.config = asdict(config)
     funnel.write(store.root / FUNNEL_FILE)

@@ -2,8 +2,17 @@ import json
 
 import pytest
 
-from pipeline.filter import (FUNNEL_FILE, FilterConfig, FilterStage, Funnel, filter_records,
-                             load_funnel, response_format_ok, run_filter, upper_quantile_threshold)
+from pipeline.filter import (
+    FUNNEL_FILE,
+    FilterConfig,
+    FilterStage,
+    Funnel,
+    filter_records,
+    load_funnel,
+    response_format_ok,
+    run_filter,
+    upper_quantile_threshold,
+)
 from pipeline.records import Reject
 from pipeline.store import WorkStore
 from tests.sample_factory import make_record, make_records

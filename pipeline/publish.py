@@ -1,0 +1,439 @@
+"""Publish filtered samples as a Hugging Face dataset folder (Hub layout), with exports and a card.
+
+Layout of ``out_dir``::
+
+    data/train-00000-of-0000N.parquet   rows sorted by id, images embedded (viewer-ready)
+    data/test-00000-of-0000M.parquet
+    README.md                           the data card (also in data_cards/<dataset>/)
+    vas_histogram.png, gallery/*.png    the card's figures
+    avar_manifest.json                  content digest and file hashes (re-publish no-op check)
+
+``datasets.load_dataset(out_dir)`` loads both splits with images decoded (the card's YAML lists
+the data files). Exports for other trainers go to ``exports_dir`` (EasyR1/verl parquet and
+LLaMA-Factory sharegpt JSON + image files), derived from the published shards.
+
+Memory stays bounded by the shard size: records stream once into per-id-prefix bucket files
+(the ids are hex content hashes, so prefix order is id order); each bucket is then sorted and
+cut into shards. The split is a hash of (seed, id), so it never changes when data is added.
+Re-publishing identical data is a no-op: the manifest's digest matches and no file is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import datasets
+import jinja2
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline.cards import CardStats, assert_no_secrets, write_card, write_if_changed
+from pipeline.exports import export_easyr1, export_llamafactory
+from pipeline.ids import stable_hash
+
+FORMAT_VERSION = "1"
+MANIFEST = "avar_manifest.json"
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
+QUESTION_TEMPLATE = "trainer_question.j2"  # the trainer's user-turn template: one wording everywhere
+ROW_GROUP_ROWS = 64  # small row groups keep the Hub viewer responsive with embedded images
+BUCKET_FLUSH_BYTES = 8_000_000
+STAGE_ORDER = ("describe", "reason", "anchor")
+
+_TEXT = datasets.Value("string")
+FEATURES = datasets.Features({
+    "id": _TEXT,
+    "images": datasets.List(datasets.Image()),
+    "problem": _TEXT,
+    "answer": _TEXT,
+    "answer_type": _TEXT,
+    "choices": datasets.List(_TEXT),
+    "response": _TEXT,
+    "messages": datasets.List({"role": _TEXT, "content": datasets.List({"type": _TEXT, "text": _TEXT})}),
+    "vas": datasets.Value("float64"),
+    "vas_normalized": datasets.Value("float64"),
+    "source": _TEXT,
+    "teachers": datasets.List({"stage": _TEXT, "backend": _TEXT, "model": _TEXT}),
+    "prompt_versions": datasets.List({"stage": _TEXT, "name": _TEXT, "version": _TEXT, "sha256": _TEXT}),
+    "n_anchors": datasets.Value("int32"),
+    "programmatic": datasets.Value("bool"),
+})
+
+
+class PublishError(RuntimeError):
+    """Publishing cannot proceed; the message says which record, file or setting is to blame."""
+
+
+@dataclass
+class PublishConfig:
+    dataset_name: str = field(default="avar-vard", metadata={"help": "Dataset name: folder name of the card (data_cards/<name>/) and the default card title."})
+    out_dir: str = field(default="outputs/avar-vard", metadata={"help": "Local folder of the published dataset (Hub layout: data/*.parquet + README.md)."})
+    cards_dir: str = field(default="data_cards", metadata={"help": "Root folder of the data cards; the card goes to <cards_dir>/<dataset_name>/README.md."})
+    exports: list[str] = field(default_factory=lambda: ["easyr1", "llamafactory"], metadata={"help": "Extra formats to write: 'easyr1' (EasyR1/verl parquet), 'llamafactory' (sharegpt JSON + images + dataset_info.json)."})
+    exports_dir: str | None = field(default=None, metadata={"help": "Folder for the exports; null: <out_dir>-exports (kept out of the Hub upload)."})
+    test_fraction: float = field(default=0.05, metadata={"help": "Fraction of samples in the test split, assigned by a hash of (seed, id): stable as data grows."})
+    seed: int = field(default=0, metadata={"help": "Salt of the split hash and of the card's gallery choice."})
+    max_shard_bytes: int = field(default=500_000_000, metadata={"help": "Target size of one parquet shard (bytes of images + text before compression)."})
+    license: str = field(default="cc-by-4.0", metadata={"help": "License id for the card's YAML (Hub license identifiers)."})
+    language: list[str] = field(default_factory=lambda: ["en"], metadata={"help": "Language codes for the card."})
+    task_categories: list[str] = field(default_factory=lambda: ["visual-question-answering", "image-text-to-text"], metadata={"help": "Hub task categories for the card."})
+    tags: list[str] = field(default_factory=lambda: ["reasoning", "multimodal", "visual-anchoring", "avar", "synthetic"], metadata={"help": "Hub tags for the card."})
+    pretty_name: str | None = field(default=None, metadata={"help": "Human-readable title of the card; null: dataset_name."})
+    gallery_size: int = field(default=12, metadata={"help": "Samples shown in the card's gallery (thumbnails + anchored reasoning)."})
+    push: bool = field(default=False, metadata={"help": "Upload the folder to the Hugging Face Hub after writing it (token from $HF_TOKEN only)."})
+    repo_id: str | None = field(default=None, metadata={"help": "Hub dataset repo, e.g. 'org/avar-vard'; required when push is true."})
+    private: bool = field(default=True, metadata={"help": "Create the Hub repo as private (when it does not exist yet)."})
+    revision: str = field(default="main", metadata={"help": "Hub branch to push to (created when missing)."})
+
+    def __post_init__(self):
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"publish.test_fraction: must be in [0, 1), got {self.test_fraction}")
+        if self.max_shard_bytes < 1_000_000:
+            raise ValueError(f"publish.max_shard_bytes: must be >= 1000000, got {self.max_shard_bytes}")
+        unknown = sorted(set(self.exports) - {"easyr1", "llamafactory"})
+        if unknown:
+            raise ValueError(f"publish.exports: unknown formats {unknown}; known: easyr1, llamafactory")
+        if not self.dataset_name or "/" in self.dataset_name:
+            raise ValueError(f"publish.dataset_name: a plain folder name is needed, got {self.dataset_name!r}")
+        if self.push and not self.repo_id:
+            raise ValueError("publish.repo_id: required when publish.push is true")
+
+    def exports_path(self) -> Path:
+        return Path(self.exports_dir) if self.exports_dir else Path(f"{Path(self.out_dir)}-exports")
+
+
+@dataclass
+class PublishResult:
+    out_dir: Path
+    card_path: Path
+    splits: dict[str, int]
+    files: list[str]
+    digest: str
+    changed: bool
+    exports: dict[str, str] = field(default_factory=dict)
+    pushed_url: str | None = None
+
+
+@cache
+def _question_template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(PROMPT_DIR), undefined=jinja2.StrictUndefined,
+                             autoescape=False, keep_trailing_newline=False)
+    return env.get_template(QUESTION_TEMPLATE)
+
+
+def question_text(question: str, choices: list[str] | None, format_hint: bool) -> str:
+    return _question_template().render(question=question.strip(), choices=choices or [],
+                                       format_hint=format_hint).strip()
+
+
+def split_of(sample_id: str, test_fraction: float, seed: int) -> str:
+    """'test' for a stable pseudo-random ``test_fraction`` of ids, else 'train'."""
+    h = int(hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()[:15], 16) / 16**15
+    return "test" if h < test_fraction else "train"
+
+
+def _ordered(stages: dict) -> list[str]:
+    return [s for s in STAGE_ORDER if s in stages] + sorted(s for s in stages if s not in STAGE_ORDER)
+
+
+def published_row(record: dict) -> dict:
+    """One dataset row (arrow-ready: images as {bytes, path}) from a filtered sample record."""
+    rid = record.get("id")
+    for key in ("id", "images", "question", "gold_answer", "response"):
+        if not record.get(key):
+            raise PublishError(f"record {rid or '<no id>'}: field $.{key}: missing or empty")
+    vas = record.get("vas") or {}
+    if not isinstance(vas.get("raw"), (int, float)) or not isinstance(vas.get("normalized"), (int, float)):
+        raise PublishError(f"record {rid}: field $.vas: raw and normalized VAS are required to publish")
+    images = record["images"]
+    for i, im in enumerate(images):
+        if not isinstance(im.get("bytes"), (bytes, bytearray)) or not im["bytes"]:
+            raise PublishError(f"record {rid}: field $.images[{i}].bytes: no image bytes")
+    choices = [str(c) for c in record.get("choices") or []] or None
+    stages = record.get("stages") or {}
+    user_text = question_text(record["question"], choices, format_hint=True)
+    return {
+        "id": rid,
+        "images": [{"bytes": bytes(im["bytes"]), "path": None} for im in images],
+        "problem": question_text(record["question"], choices, format_hint=False),
+        "answer": str(record["gold_answer"]),
+        "answer_type": record.get("answer_type"),
+        "choices": choices,
+        "response": record["response"],
+        "messages": [
+            {"role": "user", "content": [*({"type": "image", "text": None} for _ in images),
+                                         {"type": "text", "text": user_text}]},
+            {"role": "assistant", "content": [{"type": "text", "text": record["response"]}]}],
+        "vas": float(vas["raw"]),
+        "vas_normalized": float(vas["normalized"]),
+        "source": record.get("source"),
+        "teachers": [{"stage": s, **{k: (stages[s].get("teacher") or {}).get(k) for k in ("backend", "model")}}
+                     for s in _ordered(stages)],
+        "prompt_versions": [{"stage": s, **{k: (stages[s].get("prompt") or {}).get(k) for k in ("name", "version", "sha256")}}
+                            for s in _ordered(stages)],
+        "n_anchors": int(record.get("n_anchors") or 0),
+        "programmatic": bool(record.get("programmatic")),
+    }
+
+
+def row_digest(row: dict) -> str:
+    """Content hash of a row, image bytes hashed rather than serialised."""
+    light = dict(row, images=[hashlib.sha256(im["bytes"]).hexdigest() for im in row["images"]])
+    return stable_hash(light)
+
+
+def _row_bytes(row: dict) -> int:
+    return sum(len(im["bytes"]) for im in row["images"]) + len(row["response"]) + 2 * len(row["problem"]) + 512
+
+
+class _Buckets:
+    """Rows spilled to per-(split, id prefix) parquet files, flushed in small batches."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.schema = FEATURES.arrow_schema
+        self.writers: dict[tuple[str, str], pq.ParquetWriter] = {}
+        self.buffers: dict[tuple[str, str], list[dict]] = {}
+        self.buffered_bytes: dict[tuple[str, str], int] = {}
+
+    @staticmethod
+    def prefix(sample_id: str) -> str:
+        first = sample_id[:1].lower()
+        return first if first in "0123456789abcdef" and first else "_"  # non-hex ids: one bucket
+
+    def add(self, split: str, row: dict, nbytes: int) -> None:
+        key = (split, self.prefix(row["id"]))
+        self.buffers.setdefault(key, []).append(FEATURES.encode_example(row))
+        self.buffered_bytes[key] = self.buffered_bytes.get(key, 0) + nbytes
+        if self.buffered_bytes[key] >= BUCKET_FLUSH_BYTES or len(self.buffers[key]) >= ROW_GROUP_ROWS:
+            self._flush(key)
+
+    def _flush(self, key: tuple[str, str]) -> None:
+        rows = self.buffers.pop(key, [])
+        self.buffered_bytes[key] = 0
+        if not rows:
+            return
+        if key not in self.writers:
+            self.writers[key] = pq.ParquetWriter(self.folder / f"{key[0]}-{key[1]}.parquet", self.schema)
+        self.writers[key].write_table(pa.Table.from_pylist(rows, schema=self.schema))
+
+    def close(self) -> None:
+        for key in list(self.buffers):
+            self._flush(key)
+        for writer in self.writers.values():
+            writer.close()
+
+    def files(self, split: str) -> list[Path]:
+        return sorted(self.folder / f"{s}-{p}.parquet" for s, p in self.writers if s == split)
+
+
+def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[str]:
+    """First id of each shard, cutting the id-sorted rows greedily at ``max_bytes``."""
+    starts, current = [], 0
+    for rid, nbytes in sorted(sizes):
+        if not starts or (current and current + nbytes > max_bytes):
+            starts.append(rid)
+            current = 0
+        current += nbytes
+    return starts
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_split(buckets: _Buckets, split: str, starts: list[str], staging: Path) -> list[Path]:
+    """Sorted shards of one split into ``staging``: bucket by bucket, rows routed by first id."""
+    n = len(starts)
+    names = [staging / f"{split}-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    writer, current = None, -1
+    for bucket in buckets.files(split):
+        table = pq.read_table(bucket, schema=buckets.schema).sort_by("id")
+        ids = table.column("id").to_pylist()
+        begin = 0
+        while begin < len(ids):
+            shard = bisect_right(starts, ids[begin]) - 1
+            end = begin
+            while end < len(ids) and bisect_right(starts, ids[end]) - 1 == shard:
+                end += 1
+            if shard != current:
+                if writer is not None:
+                    writer.close()
+                writer, current = pq.ParquetWriter(names[shard], buckets.schema, compression="zstd"), shard
+            writer.write_table(table.slice(begin, end - begin), row_group_size=ROW_GROUP_ROWS)
+            begin = end
+        del table
+    if writer is not None:
+        writer.close()
+    return names
+
+
+def _manifest(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _unchanged(out_dir: Path, digest: str) -> bool:
+    manifest = _manifest(out_dir)
+    if not manifest or manifest.get("digest") != digest:
+        return False
+    return all((out_dir / rel).is_file() and (out_dir / rel).stat().st_size == meta["bytes"]
+               for rel, meta in manifest.get("files", {}).items())
+
+
+def _install(staging: Path, out_dir: Path, new_files: list[Path]) -> dict[str, dict]:
+    """Move staged shards into ``out_dir/data`` (identical files left untouched); drop stale shards."""
+    data_dir = out_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for staged in new_files:
+        target = data_dir / staged.name
+        sha = _sha256_file(staged)
+        if not (target.is_file() and _sha256_file(target) == sha):
+            os.replace(staged, target)
+        files[f"data/{staged.name}"] = {"sha256": sha, "bytes": target.stat().st_size}
+    for old in data_dir.glob("*-of-*.parquet"):
+        if f"data/{old.name}" not in files:
+            old.unlink()
+    return files
+
+
+def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None = None,
+            provenance: dict | None = None, progress: bool = True) -> PublishResult:
+    """Write the dataset folder, its card and exports; push to the Hub when configured.
+
+    ``records`` is streamed once (e.g. ``WorkStore(root).stage("filter").iter_records()``);
+    ``funnel`` is the filter's funnel (dict); ``provenance`` is ``{"config_digest", "config"}``
+    of the synthesis run (public fields only; prices per stage are read from it for the card).
+    """
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "buckets").mkdir(parents=True)
+    stats = CardStats(gallery_size=config.gallery_size, seed=config.seed)
+    sizes: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    digests: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    try:
+        buckets = _Buckets(staging / "buckets")
+        try:
+            for record in tqdm(records, desc="publish", unit="sample", disable=not progress):
+                row = published_row(record)
+                if row["id"] in seen:
+                    raise PublishError(f"record {row['id']}: field $.id: appears twice in the input")
+                seen.add(row["id"])
+                split = split_of(row["id"], config.test_fraction, config.seed)
+                nbytes = _row_bytes(row)
+                sizes[split].append((row["id"], nbytes))
+                digests.append((row["id"], row_digest(row)))
+                stats.add(record, split)
+                buckets.add(split, row, nbytes)
+        finally:
+            buckets.close()
+        if not seen:
+            raise PublishError("no records to publish (did the filter keep anything?)")
+        splits = [s for s in ("train", "test") if sizes[s]]
+        plans = {s: _plan_shards(sizes[s], config.max_shard_bytes) for s in splits}
+        digest = stable_hash([FORMAT_VERSION, FEATURES.to_dict(), config.test_fraction, config.seed,
+                              config.max_shard_bytes, sorted(digests)])
+        changed = not _unchanged(out_dir, digest)
+        if changed:
+            (staging / "data").mkdir()
+            staged = [p for s in splits for p in _write_split(buckets, s, plans[s], staging / "data")]
+            files = _install(staging, out_dir, staged)
+            manifest = {"format_version": FORMAT_VERSION, "digest": digest, "files": files,
+                        "splits": {s: len(sizes[s]) for s in splits}}
+            write_if_changed(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        files = sorted(_manifest(out_dir)["files"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    split_info = {s: {"num_examples": len(sizes[s]), "num_bytes": sum(n for _, n in sizes[s])} for s in splits}
+    exports = _write_exports(config, out_dir, splits, digest)
+    card_dir = Path(config.cards_dir) / config.dataset_name
+    card_path = write_card(card_dir, dataset_name=config.dataset_name, stats=stats, features=FEATURES,
+                           splits=split_info, data_files={s: f"data/{s}-*" for s in splits},
+                           license=config.license, language=config.language,
+                           task_categories=config.task_categories, tags=config.tags, funnel=funnel,
+                           provenance=provenance, repo_id=config.repo_id or str(out_dir), pretty_name=config.pretty_name,
+                           exports={k: str(v) for k, v in exports.items()})
+    _copy_card(card_dir, out_dir)
+    result = PublishResult(out_dir=out_dir, card_path=card_path, splits={s: len(sizes[s]) for s in splits},
+                           files=files, digest=digest, changed=changed, exports={k: str(v) for k, v in exports.items()})
+    if config.push:
+        result.pushed_url = push_to_hub(config, out_dir)
+    return result
+
+
+def _copy_card(card_dir: Path, out_dir: Path) -> None:
+    """The card and its figures into the dataset folder, so the Hub page renders the same card."""
+    wanted = set()
+    for src in [card_dir / "README.md", *card_dir.glob("*.png"), *sorted((card_dir / "gallery").glob("*.png"))]:
+        rel = src.relative_to(card_dir)
+        write_if_changed(out_dir / rel, src.read_bytes())
+        wanted.add(out_dir / rel)
+    for stale in (out_dir / "gallery").glob("*.png") if (out_dir / "gallery").exists() else ():
+        if stale not in wanted:
+            stale.unlink()
+
+
+def _write_exports(config: PublishConfig, out_dir: Path, splits: list[str], digest: str) -> dict[str, Path]:
+    """Exports from the published shards; skipped when the export folder already holds this digest."""
+    out: dict[str, Path] = {}
+    if not config.exports:
+        return out
+    root = config.exports_path()
+    shards = {s: sorted((out_dir / "data").glob(f"{s}-*-of-*.parquet")) for s in splits}
+    for name, writer in (("easyr1", export_easyr1), ("llamafactory", export_llamafactory)):
+        if name not in config.exports:
+            continue
+        folder = root / name
+        stamp = folder / ".avar_export_digest"
+        if not (stamp.is_file() and stamp.read_text() == digest):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            writer(shards, folder, dataset_name=config.dataset_name, features=FEATURES)
+            stamp.write_text(digest)
+        out[name] = folder
+    return out
+
+
+def push_to_hub(config: PublishConfig, out_dir: str | os.PathLike) -> str:
+    """Upload ``out_dir`` to the Hub dataset repo ``config.repo_id``; returns the commit URL.
+
+    The token comes from ``$HF_TOKEN`` only and is handed straight to huggingface_hub; it is never
+    logged, written to a file or put into provenance.
+    """
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise PublishError("push to the Hub requested but $HF_TOKEN is not set; export a token with "
+                           "write access (it is read from the environment only), or set publish.push: false")
+    if not config.repo_id:
+        raise PublishError("push to the Hub requested but publish.repo_id is not set")
+    from huggingface_hub import HfApi
+
+    out_dir = Path(out_dir)
+    assert_no_secrets((out_dir / "README.md").read_text(encoding="utf-8"), str(out_dir / "README.md"))
+    api = HfApi(token=token)
+    api.create_repo(config.repo_id, repo_type="dataset", private=config.private, exist_ok=True)
+    if config.revision != "main":
+        api.create_branch(config.repo_id, repo_type="dataset", branch=config.revision, exist_ok=True)
+    info = api.upload_folder(repo_id=config.repo_id, repo_type="dataset", folder_path=str(out_dir),
+                             revision=config.revision, ignore_patterns=[".staging-*", ".*"],
+                             commit_message=f"Publish {config.dataset_name} ({_manifest(out_dir)['digest'][:12]})")
+    return str(getattr(info, "commit_url", info))
