@@ -120,6 +120,11 @@ def patched_attention(modules: Sequence[nn.Module], attr: str, values: Sequence[
             cfg._attn_implementation_internal = previous[key]
 
 
+def scaling_keys(modules: Sequence[nn.Module], patch: KeyColumnScale):
+    """Context manager: apply ``patch`` (key-column logit scaling) on ``modules``."""
+    return patched_attention(modules, _SCALE_ATTR, [patch] * len(modules))
+
+
 def _register() -> None:
     if AttentionInterface._global_mapping.get(IMPLEMENTATION) is not _attention_forward:
         AttentionInterface.register(IMPLEMENTATION, _attention_forward)
