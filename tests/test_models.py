@@ -118,6 +118,17 @@ def test_reload_and_forward_with_pixel_values(tiny_model_and_processor):
     assert torch.isfinite(logits).all()
 
 
+def test_generate_with_left_padding_and_mixed_images(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    conversations = [CONVERSATIONS[0][:1], [{"role": "user", "content": "Text only, longer."}]]
+    batch = build_inputs(processor, conversations, [[make_image(1)], []],
+                         add_generation_prompt=True, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 4)
+    assert torch.equal(out[:, :batch["input_ids"].shape[1]], batch["input_ids"])
+
+
 def test_processor_round_trip(tiny_processor, tmp_path):
     tiny_processor.save_pretrained(tmp_path)
     again = load_processor(tmp_path)
