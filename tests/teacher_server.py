@@ -9,7 +9,8 @@ comes from a pluggable responder; the default one runs the programmatic teacher 
 Faults, drawn per request from a seeded generator keyed by (request hash, n-th arrival), or taken
 in order from a script: ``500 502 503`` (JSON error), ``429`` (``Retry-After`` header), ``slow``
 (no answer before the client gives up), ``malformed`` (cut-off JSON body), ``truncated``
-(``finish_reason: "length"``), ``empty`` (no content). Counters prove that no successful request
+(``finish_reason: "length"``), ``empty`` (no content), ``refused``
+(``finish_reason: "content_filter"``). Counters prove that no successful request
 was sent twice: ``success_counts`` is keyed by a hash of the body's model + messages.
 
 In a test::
@@ -53,7 +54,7 @@ from PIL import Image
 from pipeline.images import to_data_url
 from pipeline.teachers.base import TeacherConfig, TeacherError, TeacherRequest
 
-FAULTS = ("500", "502", "503", "429", "slow", "malformed", "truncated", "empty")
+FAULTS = ("500", "502", "503", "429", "slow", "malformed", "truncated", "empty", "refused")
 STAGE_HEADING = re.compile(r"^## Task: (\w+)[ \t]*$", re.MULTILINE)
 DATA_URL = re.compile(r"^data:(image/[\w.+-]+);base64,(.*)$", re.DOTALL)
 
@@ -362,6 +363,8 @@ class TeacherServer:
             text, finish = text[: max(1, len(text) // 2)], "length"
         elif outcome == "empty":
             text = ""
+        elif outcome == "refused":
+            text, finish = "I can't help with that.", "content_filter"
         else:
             with self._lock:
                 self.success_counts[key] += 1

@@ -164,6 +164,18 @@ def test_length_is_teacher_truncated_and_not_retried(server):
     assert teacher.usage.failures == 1 and teacher.usage.completion_tokens > 0  # billed anyway
 
 
+def test_content_filter_is_teacher_refused_and_not_retried(server):
+    server.script("refused")
+    [result] = run(OpenAITeacher(config(server)), [request("a")])
+    assert isinstance(result, TeacherError) and result.reason == "teacher_refused"
+    assert server.total_requests == 1
+
+
+def test_empty_batch(server):
+    assert run(OpenAITeacher(config(server)), []) == []
+    assert server.total_requests == 0
+
+
 def test_client_error_is_not_retried():
     def refuse(call):
         raise ResponderError(400, "prompt too long")

@@ -4,9 +4,9 @@ The retry policy lives here and only here (the ``openai`` client's own retries a
 
 * 5xx, connection errors, timeouts and malformed bodies are retried up to ``max_retries`` times
   with exponential back-off and full jitter (delay ~ U(0, min(backoff_max_s, base * 2**n))).
-* 429 (and 503 with ``Retry-After``) is a back-off signal for the whole teacher: the delay named by
-  ``Retry-After`` (seconds or an HTTP date, capped at ``backoff_max_s``) pauses every request of
-  this teacher, not only the one that was told, because rate limits belong to the key.
+* 429 (and a 5xx carrying ``Retry-After``) is a back-off signal for the whole teacher: the
+  delay named by ``Retry-After`` (seconds or an HTTP date, capped at ``backoff_max_s``) pauses
+  every request of this teacher, not only the one that was told: rate limits belong to the key.
 * ``finish_reason == "length"`` fails at once as ``teacher_truncated`` (a retry would pay for the
   same truncation again); ``"content_filter"`` fails as ``teacher_refused``.
 * 401/403/404 mean a wrong key, model or URL: not one sample's failure, so they raise
