@@ -31,6 +31,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from pipeline.dedup import DedupConfig, Deduplicator
 from pipeline.records import Reject
 from pipeline.store import StageStore, WorkStore
 from pipeline.verify import split_response
@@ -52,7 +53,9 @@ class FilterConfig:
     min_response_length: int = field(default=0, metadata={"help": "Shortest allowed response, in length_unit (reason too_short)."})
     max_response_length: int | None = field(default=None, metadata={"help": "Longest allowed response, in length_unit; null for no bound (reason too_long)."})
     dedup: bool = field(default=True, metadata={"help": "Drop exact duplicates (same images and normalized question) and near-duplicates of samples kept earlier."})
-    near_duplicate_threshold: float = field(default=0.9, metadata={"help": "Estimated Jaccard similarity (MinHash over the question text, same images) at or above which a sample is a near-duplicate."})
+    near_duplicate_threshold: float = field(default=0.9, metadata={"help": "Estimated Jaccard similarity (MinHash over word shingles of dedup_fields, pipeline.dedup) at or above which a sample is a near-duplicate."})
+    dedup_fields: list[str] = field(default_factory=lambda: ["question", "response"], metadata={"help": "Record text fields compared for exact/near duplicates (besides same images + same question, always an exact duplicate)."})
+    dedup_same_images_only: bool = field(default=True, metadata={"help": "Text duplicates count only between samples with the same images: templated procedural text over different images is not a duplicate."})
     vas_metric: Literal["normalized", "raw"] = field(default="normalized", metadata={"help": "Which response VAS the VAS criterion reads: 'normalized' (raw / (|I|/|S|), comparable across image sizes) or 'raw'."})
     vas_threshold: float | None = field(default=None, metadata={"help": "Keep samples whose VAS (vas_metric) is >= this value. Exclusive with vas_quantile; both null: no VAS criterion."})
     vas_quantile: float | None = field(default=None, metadata={"help": "Keep the top fraction q of this run's candidates by VAS (0.5 keeps the top half; ties at the cut are kept). Exclusive with vas_threshold."})
@@ -196,40 +199,28 @@ def duplicate_key(record: dict) -> str:
 
 
 class DuplicateGate:
-    """Exact duplicates by :func:`duplicate_key`; near-duplicates by ``pipeline.dedup``.
+    """Exact duplicates of the problem (:func:`duplicate_key`) here; text duplicates by pipeline.dedup.
 
-    The near-duplicate index lives in ``pipeline/dedup.py`` (another module); this wrapper is the
-    only call site, so its interface is adapted in one place.
+    ``screen`` returns ``(reason, message)`` for a duplicate of a sample admitted earlier, else
+    admits the sample and returns None: the first of every duplicate group is kept.
     """
 
-    def __init__(self, threshold: float, near: bool = True):
-        self.seen: set[str] = set()
-        self.near = None
-        if near:
-            from pipeline.dedup import Deduplicator
+    def __init__(self, config: FilterConfig):
+        self.seen: dict[str, str] = {}
+        self.index = Deduplicator(DedupConfig(threshold=config.near_duplicate_threshold,
+                                              fields=list(config.dedup_fields),
+                                              same_images_only=config.dedup_same_images_only))
 
-            self.near = Deduplicator(threshold=threshold)
-
-    def screen(self, record: dict) -> str | None:
-        """Reason code when ``record`` duplicates one admitted before, else admit it and return None."""
+    def screen(self, record: dict) -> tuple[str, str] | None:
         key = duplicate_key(record)
         if key in self.seen:
-            return "exact_duplicate"
-        if self.near is not None:
-            hit = self.near.check(record)
-            if hit:
-                return "exact_duplicate" if "exact" in str(getattr(hit, "reason", hit)) else "near_duplicate"
-            self.near.add(record)
-        self.seen.add(key)
+            return "exact_duplicate", f"same images and question as {self.seen[key]}"
+        hit = self.index.check(record)
+        if hit is not None:
+            return hit.reason, f"duplicates {hit} ({'/'.join(self.index.config.fields)} similarity {hit.similarity})"
+        self.index.add(record)
+        self.seen[key] = str(record.get("id"))
         return None
-
-
-def _near_dedup_available() -> bool:
-    try:
-        import pipeline.dedup  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class FilterStage:
@@ -246,7 +237,7 @@ class FilterStage:
         self.config = config
         self.vas_threshold = vas_threshold
         if gate is None and config.dedup:
-            gate = DuplicateGate(config.near_duplicate_threshold, near=_near_dedup_available())
+            gate = DuplicateGate(config)
         self.gate = gate
         self.steps = dict.fromkeys(STEPS, 0)
         self.rejects: dict[str, int] = {}
@@ -265,9 +256,9 @@ class FilterStage:
             elif value < self.vas_threshold:
                 found = "vas", "vas_below_threshold", f"vas.{metric} {value:.4g} < {self.vas_threshold:.4g}", f"$.vas.{metric}"
         if found is None:
-            reason = self.gate.screen(record) if self.gate is not None else None
-            if reason is not None:
-                found = "unique", reason, "duplicates a sample kept earlier (same images, similar question)", "$.question"
+            duplicate = self.gate.screen(record) if self.gate is not None else None
+            if duplicate is not None:
+                found = "unique", duplicate[0], duplicate[1], "$.question"
         failed_step = found[0] if found else None
         for step in STEPS:
             if step == failed_step:

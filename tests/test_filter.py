@@ -159,3 +159,24 @@ def test_run_filter_writes_stage_and_funnel_and_is_rerunnable(tmp_path):
 def test_run_filter_refuses_missing_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="vas"):
         run_filter(FilterConfig(), WorkStore(tmp_path), progress=False)
+
+
+def test_near_duplicates_need_the_same_images_by_default():
+    base = make_record(0)
+    long_question = ("In the figure, triangle ABC has a marked angle at vertex B and a side AB of "
+                     "length five; what is the measure of the angle at vertex B in degrees?")
+    first = make_record(0, question=long_question)
+    reworded = make_record(1, image_seed=0, question=long_question.replace("in degrees", "in deg"))
+    reworded["response"] = first["response"]
+    other_image = make_record(2, question=long_question)  # same text, different image
+    other_image["response"] = first["response"]
+    kept, rejects, _ = _run(FilterConfig(near_duplicate_threshold=0.8), [base, first, reworded, other_image])
+    assert [r["id"] for r in kept] == [base["id"], first["id"], other_image["id"]]
+    assert [(r.id, r.reason) for r in rejects] == [(reworded["id"], "near_duplicate")]
+    assert first["id"] in rejects[0].message
+    # across images too when asked
+    kept, rejects, _ = _run(FilterConfig(near_duplicate_threshold=0.8, dedup_same_images_only=False),
+                            [first, other_image])
+    assert [r.reason for r in rejects] == ["exact_duplicate"]
+    kept, rejects, _ = _run(FilterConfig(dedup=False), [first, first])
+    assert len(kept) == 2 and not rejects
