@@ -226,7 +226,7 @@ def _rl_row(row: dict, index: int) -> dict:
         raise DataError(rid, "answer", "missing gold answer (r_acc needs it)")
     prompt = _with_placeholders(prompt, len(images))
     return {"id": rid, "images": images, "prompt": prompt, "answer": str(answer),
-            "answer_type": row.get("answer_type") or None, "choices": row_choices(row)}
+            "answer_type": eval_answer_type(row, row_choices(row)), "choices": row_choices(row)}
 
 
 def rl_dataset(table: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
@@ -252,35 +252,58 @@ def _decode_rl_batch(batch: dict) -> dict:
 class EvalExample:
     id: str
     images: list[Image.Image]
-    question: str
+    prompt: str  # the user-turn text, as the model sees it
     answer: str
     answer_type: str | None = None
     choices: list[str] | None = None
     extra: dict = field(default_factory=dict)
 
-    def messages(self, format_hint: bool = True) -> list[dict]:
-        text = question_text(self.question, self.choices, format_hint=format_hint)
+    def messages(self) -> list[dict]:
         return [{"role": "user", "content": [*({"type": "image"} for _ in self.images),
-                                             {"type": "text", "text": text}]}]
+                                             {"type": "text", "text": self.prompt}]}]
 
 
-def eval_examples(table: datasets.Dataset) -> list[EvalExample]:
-    """Benchmark rows: image/decoded_image/images, question/query/problem, answer, answer_type, choices.
+def _user_text(messages: list[dict]) -> str:
+    for message in messages:
+        if message["role"] == "user":
+            content = message["content"]
+            return content if isinstance(content, str) else "".join(
+                b.get("text") or "" for b in content if b.get("type") == "text")
+    return ""
 
-    MathVista's ``query`` already embeds its choices and instructions, so choices are not repeated
-    when the text comes from ``query``.
-    """
+
+def eval_answer_type(row: dict, choices: list[str] | None) -> str:
+    """Our comparison kind (pipeline.verify) from AVAR or MathVista-style columns."""
+    kind = (row.get("answer_type") or "").lower()
+    if row.get("question_type") == "multi_choice" or kind == "choice" or (choices and kind in ("", "text")):
+        return "choice"
+    if kind in ("integer", "float", "number"):
+        return "number"
+    return kind if kind in ("expression", "text") else "text"
+
+
+def eval_examples(table: datasets.Dataset, format_hint: bool = True) -> list[EvalExample]:
+    """Benchmark rows: images/image/decoded_image, answer, answer_type, choices and the question from
+    ``messages`` (AVAR test splits), ``query`` (MathVista: choices and hints already inside) or
+    ``question``/``problem`` (+ choices rendered by prompts/trainer_question.j2)."""
     out = []
     for index, row in enumerate(table):
         rid = row_id(row, index)
-        if row.get("answer") is None:
+        if row.get("answer") is None or str(row["answer"]).strip() == "":
             raise DataError(rid, "answer", "missing gold answer")
-        question = row_question(row, rid)
-        from_query = not row.get("problem") and not row.get("question")
-        out.append(EvalExample(id=rid, images=row_images(row, rid), question=question,
-                               answer=str(row["answer"]), answer_type=row.get("answer_type") or None,
-                               choices=None if from_query else row_choices(row),
-                               extra={k: row[k] for k in ("source", "category") if k in row}))
+        images = row_images(row, rid)
+        choices = row_choices(row)
+        if row.get("messages"):
+            prompt = _user_text(normalize_messages(row["messages"], len(images), rid))
+        elif isinstance(row.get("query"), str) and row["query"].strip():
+            prompt = question_text(row["query"], None, format_hint=format_hint)
+        else:
+            prompt = question_text(row_question(row, rid), choices, format_hint=format_hint)
+        if not prompt.strip():
+            raise DataError(rid, "messages", "no user text")
+        out.append(EvalExample(id=rid, images=images, prompt=prompt, answer=str(row["answer"]),
+                               answer_type=eval_answer_type(row, choices), choices=choices,
+                               extra={k: row[k] for k in ("source", "category", "task") if row.get(k)}))
     return out
 
 
