@@ -11,7 +11,7 @@ in order from a script: ``500 502 503`` (JSON error), ``429`` (``Retry-After`` h
 (no answer before the client gives up), ``malformed`` (cut-off JSON body), ``truncated``
 (``finish_reason: "length"``), ``empty`` (no content), ``refused``
 (``finish_reason: "content_filter"``). Counters prove that no successful request
-was sent twice: ``success_counts`` is keyed by a hash of the body's model + messages.
+was sent twice: ``success_counts`` is keyed by a hash of the whole request body.
 
 In a test::
 
@@ -63,7 +63,7 @@ DATA_URL = re.compile(r"^data:(image/[\w.+-]+);base64,(.*)$", re.DOTALL)
 class ChatCall:
     """What a responder gets: the decoded request, the recognised record and its stage."""
 
-    key: str  # hash of the body's model + messages (the duplicate-detection key)
+    key: str  # hash of the request body (the duplicate-detection key)
     model: str
     stage: str | None
     messages: list[dict]  # as received (image parts are data URLs)
@@ -101,9 +101,11 @@ class ResponderError(Exception):
 
 
 def body_key(body: dict) -> str:
-    """The identity of a request: sha256 of its model and messages (canonical JSON)."""
-    canonical = json.dumps({"model": body.get("model"), "messages": body.get("messages")},
-                           sort_keys=True, separators=(",", ":"))
+    """The identity of a request: sha256 of its whole body (model, messages, sampling).
+
+    Sampling is part of it so that two rollouts of one prompt (different seeds) are two requests.
+    """
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

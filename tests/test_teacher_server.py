@@ -176,3 +176,12 @@ def test_default_responder_is_the_programmatic_teacher():
         key="a", stage="describe", messages=[], images=[image], sampling={}, record=seed)]))
     assert isinstance(over_http, TeacherResponse), over_http
     assert over_http.text == direct.text
+
+
+def test_rollouts_with_different_seeds_are_different_requests():
+    image = png(8, 8, "gray")
+    first, second = request("a", image), request("a", image)
+    second.sampling = {**second.sampling, "seed": 1}
+    with TeacherServer(fixed_responder("ok")) as server:
+        generate(teacher(server), [first, second])
+        assert len(server.success_counts) == 2 and not server.duplicates()
