@@ -41,9 +41,8 @@ def _check_masks(cap: Capture, query_mask, image_mask, system_mask) -> None:
 
 def _masked_query_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over the last axis (query slots) where ``valid`` [B, Qmax]; NaN for no queries."""
-    weights = valid.to(values.dtype)
-    count = weights.sum(-1)
-    total = (values * weights).sum(-1)
+    count = valid.sum(-1).to(values.dtype)
+    total = torch.where(valid, values, torch.zeros_like(values)).sum(-1)  # padding slots may be 0/0
     return total / count  # 0/0 -> NaN: a sample without queries has no defined score
 
 
