@@ -371,7 +371,7 @@ class TeacherServer:
             with self._lock:
                 self.success_counts[key] += 1
                 if record is not None and stage is not None:
-                    self._history.setdefault(record["id"], {})[stage] = text
+                    self._history.setdefault(_record_id(record), {})[stage] = text
         prompt_tokens = sum(len(_text_of(m).split()) for m in messages) + 256 * len(images)
         return web.json_response({
             "id": f"chatcmpl-{key[:12]}", "object": "chat.completion", "created": int(time.time()),
@@ -402,11 +402,16 @@ class TeacherServer:
             for data in images:
                 record = self._records.get(hashlib.sha256(data).hexdigest())
                 if record is not None:
-                    earlier = self._history.get(record["id"], {})
+                    earlier = self._history.get(_record_id(record), {})
                     stages = {**record.get("stages", {}),
                               **{s: {"text": t} for s, t in earlier.items()}}
                     return {**record, "stages": stages}
         return None
+
+
+def _record_id(record: dict) -> str:
+    """A registered record's identity: its ``id``, else the sha256 of its first image."""
+    return record.get("id") or hashlib.sha256(record["images"][0]["bytes"]).hexdigest()
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
