@@ -30,6 +30,7 @@ THEMES = [
 ]
 SERIES = [("Online", "In store"), ("North", "South"), ("Team A", "Team B")]
 COLORS = [(66, 110, 200), (230, 140, 40)]
+COLOR_NAMES = ["blue", "orange"]
 LEVELS = {1: (3, 4, 20, 1), 2: (4, 5, 50, 1), 3: (5, 6, 100, 1), 4: (5, 6, 100, 2), 5: (6, 7, 300, 2)}
 TASKS = {1: ["read", "max"], 2: ["read", "max", "difference"], 3: ["read", "difference", "sum", "max"],
          4: ["read", "difference", "sum", "total", "max"], 5: ["difference", "sum", "total", "max"]}
@@ -81,7 +82,8 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
             sw = (x, 0.1 * s - cv.px(5), x + cv.px(10), 0.1 * s + cv.px(5))
             cv.draw.rectangle(sw, fill=COLORS[j])
             lbox = union(clamp_box(sw, size), cv.text((x + cv.px(14), 0.1 * s), name, size=12, anchor="lm"))
-            elements.append(element(f"legend_{j}", f"legend {name}", "legend", lbox, series=name))
+            elements.append(element(f"legend_{j}", f"legend {name}", "legend", lbox, series=name,
+                                    color=COLOR_NAMES[j]))
             x += cv.px(90)
     ids = {}
     for j, name in enumerate(series):
@@ -106,7 +108,7 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
             eid = f"{kind}_{j}_{i}"
             ids[(j, i)] = eid
             elements.append(element(eid, label, kind, box, category=cat, series=name, value=v,
-                                    value_label_bbox=vbox))
+                                    color=COLOR_NAMES[j], value_label_bbox=vbox))
         if chart_type == "line":
             cv.draw.line(points, fill=COLORS[j], width=cv.px(2))
             for cx, y in points:
@@ -140,17 +142,18 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
     targets = [ids[(focus, i)] for i in picks]
     if n_series == 2:
         distractors = [ids[(1 - focus, i)] for i in picks]
-    else:
-        distractors = [ids[(focus, i + 1 if i + 1 < n else i - 1)] for i in picks[:2]]
+    else:  # the neighbouring category that is not asked about
+        near = [i for i in (picks[0] + 1, picks[0] - 1, *range(n)) if 0 <= i < n and i not in picks]
+        distractors = [ids[(focus, near[0])]] if near else []
     if task == "max":
         distractors = [ids[(focus, order[1])]]
     scene = {"task": task, "chart": {"type": chart_type, "title": theme["title"], "y_label": theme["y_label"],
                                      "metric": metric, "series": series, "categories": cats},
              "axis": {"y_zero_px": round(bottom, 2), "px_per_unit": round(ppu, 4), "y_max": y_max, "step": step},
-             "given": targets, "distractors": list(dict.fromkeys(distractors)),
+             "given": targets, "distractors": distractors, "distractor_for": targets[0],
              "target": {"op": task, "elements": targets, "series": series[focus]}, "elements": elements}
     wrong = []
     if task != "max":
-        slip = values[1 - focus][picks[0]] if n_series == 2 else vals[(picks[0] + 1) % n]
+        slip = values[1 - focus][picks[0]] if n_series == 2 else vals[(picks[0] + 1) % n]  # a misread
         wrong = [answer - vals[picks[0]] + slip, answer + step]
     return Draft(cv.image, question, answer, scene, options=options, wrong_values=wrong)

@@ -110,20 +110,28 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
         options = [rows[i] for i in sorted([order[0], *others])]
         answer = rows[order[0]]
         question = theme["max"].format(col=col)
-    first_row, first_col = picks[0]
+    slip_for = picks[0]
     if task == "max_row":
         order = sorted(range(n_rows), key=lambda i: -values[i][col_index])
         slip = (order[1], col_index)
     elif task == "column_total":
-        slip = (first_row, (first_col + 1) % n_cols)
-    else:
-        twin_row = next((i for i, n in enumerate(rows) if n != rows[first_row]
-                         and (n.startswith(rows[first_row]) or rows[first_row].startswith(n))), None)
-        slip = (twin_row if twin_row is not None else (first_row + 1) % n_rows, first_col)
+        slip = (slip_for[0], (slip_for[1] + 1) % n_cols)
+    else:  # misread a row that is not asked about: the look-alike name when there is one
+        asked = {p[0] for p in picks}
+        slip = None
+        for pr, pc in picks:
+            twin_row = next((i for i, n in enumerate(rows) if i not in asked and n != rows[pr]
+                             and (n.startswith(rows[pr]) or rows[pr].startswith(n))), None)
+            if twin_row is not None:
+                slip, slip_for = (twin_row, pc), (pr, pc)
+                break
+        if slip is None:
+            near = [i for i in (slip_for[0] + 1, slip_for[0] - 1) if 0 <= i < n_rows and i not in asked]
+            slip = (near[0] if near else next(i for i in range(n_rows) if i not in asked), slip_for[1])
     targets = [ids[p] for p in picks]
     scene = {"task": task, "table": {"title": theme["title"], "rows": rows, "columns": cols},
-             "given": targets, "distractors": [ids[slip]],
+             "given": targets, "distractors": [ids[slip]], "distractor_for": ids[slip_for],
              "target": {"op": task, "elements": targets, "column": col}, "elements": elements}
-    wrong = [] if options else [answer - values[first_row][first_col] + values[slip[0]][slip[1]],
+    wrong = [] if options else [answer - values[slip_for[0]][slip_for[1]] + values[slip[0]][slip[1]],
                                 answer + 10]
     return Draft(cv.image, question, answer, scene, options=options, wrong_values=wrong)

@@ -1,0 +1,36 @@
+"""Worked solutions and descriptions written from procedural ``scene`` metadata.
+
+Used by the programmatic teacher (:mod:`pipeline.teachers.programmatic`). Each family module has
+``describe(scene)`` (global scan, parts, links, synthesized scene) and ``solve(scene, voice)``,
+which re-derives the answer from the scene's elements alone and writes the chain twice at once:
+a plain version (reason stage) and a version whose image-dependent steps return to the image
+with a look-back cue and the element's label (anchor stage). Every chain contains a reflection:
+a tempting wrong reading, usually the scene's distractor, that is checked and corrected.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from pipeline.seeds.solutions.common import Solution, Step, Voice
+
+FAMILIES = ("geometry", "charts", "counting", "tables")
+
+
+def _module(family: str):
+    if family not in FAMILIES:
+        raise KeyError(family)
+    return importlib.import_module(f"pipeline.seeds.solutions.{family}")
+
+
+def describe(scene: dict) -> str:
+    """The four-part description of a procedural scene."""
+    return _module(scene["family"]).describe(scene)
+
+
+def solve(scene: dict, seed: str) -> Solution:
+    """The worked solution; wording varies with ``seed`` (e.g. the sample id), logic does not."""
+    return _module(scene["family"]).solve(scene, Voice(seed, scene["family"]))
+
+
+__all__ = ["FAMILIES", "Solution", "Step", "Voice", "describe", "solve"]
