@@ -12,9 +12,9 @@ Layout of ``out_dir``::
 the data files). Exports for other trainers go to ``exports_dir`` (EasyR1/verl parquet and
 LLaMA-Factory sharegpt JSON + image files), derived from the published shards.
 
-Memory stays bounded by the shard size: records stream once into per-id-prefix bucket files
-(the ids are hex content hashes, so prefix order is id order); each bucket is then sorted and
-cut into shards. The split is a hash of (seed, id), so it never changes when data is added.
+Records stream in once and never sit in memory together: they are spilled to 256 bucket files
+by id prefix (ids are hex content hashes, so prefix order is id order and a bucket holds ~1/256
+of the data); each bucket is then read, sorted and routed to its split's shards. The split is a hash of (seed, id), so it never changes when data is added.
 Re-publishing identical data is a no-op: the manifest's digest matches and no file is touched.
 """
 
@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
@@ -32,20 +31,19 @@ from pathlib import Path
 
 import datasets
 import jinja2
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.cards import CardStats, assert_no_secrets, write_card, write_if_changed
 from pipeline.exports import export_easyr1, export_llamafactory
 from pipeline.ids import stable_hash
+from pipeline.sharding import Buckets, plan_shards, write_shards
 
 FORMAT_VERSION = "1"
 MANIFEST = "avar_manifest.json"
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
 QUESTION_TEMPLATE = "trainer_question.j2"  # the trainer's user-turn template: one wording everywhere
 ROW_GROUP_ROWS = 64  # small row groups keep the Hub viewer responsive with embedded images
-BUCKET_FLUSH_BYTES = 8_000_000
+BUCKET_FLUSH_BYTES = 2_000_000
 STAGE_ORDER = ("describe", "reason", "anchor")
 
 _TEXT = datasets.Value("string")
@@ -194,90 +192,12 @@ def _row_bytes(row: dict) -> int:
     return sum(len(im["bytes"]) for im in row["images"]) + len(row["response"]) + 2 * len(row["problem"]) + 512
 
 
-class _Buckets:
-    """Rows spilled to per-(split, id prefix) parquet files, flushed in small batches."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.schema = FEATURES.arrow_schema
-        self.writers: dict[tuple[str, str], pq.ParquetWriter] = {}
-        self.buffers: dict[tuple[str, str], list[dict]] = {}
-        self.buffered_bytes: dict[tuple[str, str], int] = {}
-
-    @staticmethod
-    def prefix(sample_id: str) -> str:
-        first = sample_id[:1].lower()
-        return first if first in "0123456789abcdef" and first else "_"  # non-hex ids: one bucket
-
-    def add(self, split: str, row: dict, nbytes: int) -> None:
-        key = (split, self.prefix(row["id"]))
-        self.buffers.setdefault(key, []).append(FEATURES.encode_example(row))
-        self.buffered_bytes[key] = self.buffered_bytes.get(key, 0) + nbytes
-        if self.buffered_bytes[key] >= BUCKET_FLUSH_BYTES or len(self.buffers[key]) >= ROW_GROUP_ROWS:
-            self._flush(key)
-
-    def _flush(self, key: tuple[str, str]) -> None:
-        rows = self.buffers.pop(key, [])
-        self.buffered_bytes[key] = 0
-        if not rows:
-            return
-        if key not in self.writers:
-            self.writers[key] = pq.ParquetWriter(self.folder / f"{key[0]}-{key[1]}.parquet", self.schema)
-        self.writers[key].write_table(pa.Table.from_pylist(rows, schema=self.schema))
-
-    def close(self) -> None:
-        for key in list(self.buffers):
-            self._flush(key)
-        for writer in self.writers.values():
-            writer.close()
-
-    def files(self, split: str) -> list[Path]:
-        return sorted(self.folder / f"{s}-{p}.parquet" for s, p in self.writers if s == split)
-
-
-def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[str]:
-    """First id of each shard, cutting the id-sorted rows greedily at ``max_bytes``."""
-    starts, current = [], 0
-    for rid, nbytes in sorted(sizes):
-        if not starts or (current and current + nbytes > max_bytes):
-            starts.append(rid)
-            current = 0
-        current += nbytes
-    return starts
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_split(buckets: _Buckets, split: str, starts: list[str], staging: Path) -> list[Path]:
-    """Sorted shards of one split into ``staging``: bucket by bucket, rows routed by first id."""
-    n = len(starts)
-    names = [staging / f"{split}-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
-    writer, current = None, -1
-    for bucket in buckets.files(split):
-        table = pq.read_table(bucket, schema=buckets.schema).sort_by("id")
-        ids = table.column("id").to_pylist()
-        begin = 0
-        while begin < len(ids):
-            shard = bisect_right(starts, ids[begin]) - 1
-            end = begin
-            while end < len(ids) and bisect_right(starts, ids[end]) - 1 == shard:
-                end += 1
-            if shard != current:
-                if writer is not None:
-                    writer.close()
-                writer, current = pq.ParquetWriter(names[shard], buckets.schema, compression="zstd"), shard
-            writer.write_table(table.slice(begin, end - begin), row_group_size=ROW_GROUP_ROWS)
-            begin = end
-        del table
-    if writer is not None:
-        writer.close()
-    return names
 
 
 def _manifest(out_dir: Path) -> dict | None:
@@ -330,7 +250,7 @@ def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None 
     digests: list[tuple[str, str]] = []
     seen: set[str] = set()
     try:
-        buckets = _Buckets(staging / "buckets")
+        buckets = Buckets(staging / "buckets", FEATURES, BUCKET_FLUSH_BYTES, ROW_GROUP_ROWS)
         try:
             for record in tqdm(records, desc="publish", unit="sample", disable=not progress):
                 row = published_row(record)
@@ -342,19 +262,20 @@ def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None 
                 sizes[split].append((row["id"], nbytes))
                 digests.append((row["id"], row_digest(row)))
                 stats.add(record, split)
-                buckets.add(split, row, nbytes)
+                buckets.add(row, nbytes)
         finally:
             buckets.close()
         if not seen:
             raise PublishError("no records to publish (did the filter keep anything?)")
         splits = [s for s in ("train", "test") if sizes[s]]
-        plans = {s: _plan_shards(sizes[s], config.max_shard_bytes) for s in splits}
+        plans = {s: plan_shards(sizes[s], config.max_shard_bytes) for s in splits}
         digest = stable_hash([FORMAT_VERSION, FEATURES.to_dict(), config.test_fraction, config.seed,
                               config.max_shard_bytes, sorted(digests)])
         changed = not _unchanged(out_dir, digest)
         if changed:
             (staging / "data").mkdir()
-            staged = [p for s in splits for p in _write_split(buckets, s, plans[s], staging / "data")]
+            staged = write_shards(buckets, plans, staging / "data",
+                                  lambda i: split_of(i, config.test_fraction, config.seed), ROW_GROUP_ROWS)
             files = _install(staging, out_dir, staged)
             manifest = {"format_version": FORMAT_VERSION, "digest": digest, "files": files,
                         "splits": {s: len(sizes[s]) for s in splits}}
