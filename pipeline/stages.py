@@ -139,6 +139,7 @@ class TeacherStage:
         self.usage = UsageTotals()  # requests actually sent
         self.cache_hits = 0
         self.failures_by_reason: dict[str, int] = {}
+        self._counters = threading.Lock()  # run() may be called from several worker threads
 
     # -- public -------------------------------------------------------------------------------
 
@@ -172,19 +173,21 @@ class TeacherStage:
             pending = retry
         for p in pending:  # only reached when rollouts ran out
             outputs[p.index] = p.last_reject
-        for out in outputs:
-            if isinstance(out, Reject):
-                self.failures_by_reason[out.reason] = self.failures_by_reason.get(out.reason, 0) + 1
+        with self._counters:
+            for out in outputs:
+                if isinstance(out, Reject):
+                    self.failures_by_reason[out.reason] = self.failures_by_reason.get(out.reason, 0) + 1
         return outputs  # type: ignore[return-value]
 
     def usage_summary(self) -> dict:
         """Requests sent, cache hits, tokens and estimated cost of this stage instance so far."""
-        return {"stage": self.name, "teacher": self.teacher_config.public(),
-                "prompt": self.template.provenance(), **self.usage.as_dict(),
-                "cache_hits": self.cache_hits,
-                "cost_usd": round(cost_usd(self.teacher_config, self.usage.prompt_tokens,
-                                           self.usage.completion_tokens), 6),
-                "rejects_by_reason": dict(sorted(self.failures_by_reason.items()))}
+        with self._counters:
+            return {"stage": self.name, "teacher": self.teacher_config.public(),
+                    "prompt": self.template.provenance(), **self.usage.as_dict(),
+                    "cache_hits": self.cache_hits,
+                    "cost_usd": round(cost_usd(self.teacher_config, self.usage.prompt_tokens,
+                                               self.usage.completion_tokens), 6),
+                    "rejects_by_reason": dict(sorted(self.failures_by_reason.items()))}
 
     def close(self) -> None:
         if self._loop is not None:
@@ -281,12 +284,14 @@ class TeacherStage:
     def _fetch(self, requests: list[TeacherRequest]) -> list[tuple[TeacherResponse | TeacherError, bool]]:
         """One ``(result, served_from_cache)`` per request, in order."""
         hits = self.cache.get_many([r.key for r in requests]) if self.cache is not None else {}
-        self.cache_hits += sum(1 for r in requests if r.key in hits)
+        with self._counters:
+            self.cache_hits += sum(1 for r in requests if r.key in hits)
         misses = [r for r in requests if r.key not in hits]
         fresh: dict[str, TeacherResponse | TeacherError] = {}
         if misses:
-            if self._loop is None:
-                self._loop = _LoopThread(f"avar-{self.name}-loop")
+            with self._counters:
+                if self._loop is None:
+                    self._loop = _LoopThread(f"avar-{self.name}-loop")
             fresh = self._loop.run(self._send(misses))
         return [(_response_from_cache(hits[r.key]), True) if r.key in hits else (fresh[r.key], False)
                 for r in requests]
@@ -300,7 +305,8 @@ class TeacherStage:
             request = requests[i]
             if isinstance(result, TeacherResponse) and self.cache is not None:
                 self.cache.put(request.key, _response_to_cache(result), self.name)
-            self.usage.add(result)
+            with self._counters:
+                self.usage.add(result)
             results[request.key] = result
             bar.update(1)
 

@@ -195,3 +195,36 @@ def test_runs_under_the_executor_into_a_work_store(tmp_path):
     assert bad["reason"] == "schema_invalid" and bad["field"] == "$.question"
     with pytest.raises(ValueError, match="unknown teacher stage"):
         build_stage("verify")
+
+
+def test_programmatic_teacher_over_procedural_seeds_end_to_end(tmp_path):
+    from pipeline.seeds.config import SeedsConfig
+    from pipeline.seeds.procedural import iter_procedural
+    from pipeline.verify import VerifyStage
+
+    records = list(iter_procedural(SeedsConfig(n=8, image_size=256)))
+    cache = RequestCache(tmp_path / "requests.sqlite")
+    out = records
+    for name in ("describe", "reason", "anchor"):
+        with build_stage(name, cache=cache, progress=False) as stage:  # default: programmatic
+            out = stage.run(out)
+            assert stage.usage_summary()["requests"] == 8 and stage.usage_summary()["cost_usd"] == 0
+    verified = VerifyStage().run(out)
+    assert all(isinstance(r, dict) and r["verification"]["correct"] for r in verified)
+    assert {r["answer_type"] for r in verified} == {"number", "choice"}
+    for rec in verified:
+        validate_sample(rec, "verify")
+        assert rec["programmatic"] is True and rec["n_anchors"] >= 1
+        assert any(a["element"] for a in rec["anchors"])  # anchors name scene elements
+    assert len(cache) == 24
+
+
+def test_concurrent_runs_on_one_stage_share_loop_and_counters(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    teacher = ScriptedTeacher(REPLIES)
+    with DescribeStage(teacher=teacher, cache=RequestCache(tmp_path / "c.sqlite"), progress=False) as stage:
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda i: stage.run([seed(i)]), range(8)))
+        assert all(isinstance(o[0], dict) for o in outs)
+        assert stage.usage_summary()["requests"] == 8
