@@ -112,7 +112,8 @@ class VisualReward:
                  images: list | None = None, log_metric: Callable | None = None, **kwargs: Any) -> list[float]:
         if self._model_source is None:
             raise RuntimeError("VisualReward is not bound to a model; call .bind(model) first")
-        correct = [r > 0 for r in self.accuracy(prompts=prompts, completions=completions, **kwargs)]
+        correct = [r > 0 for r in self.accuracy(prompts=prompts, completions=completions,
+                                                completion_ids=completion_ids, images=images, **kwargs)]
         images = _column(images, len(prompts))
         gated, raw = [], []
         for start in range(0, len(prompts), self.batch_size):
@@ -186,27 +187,35 @@ def _suppress_non_text_tokens(config: VARSConfig, processor: Any) -> None:
     config.generation_kwargs = kwargs
 
 
-def build_trainer(config: VARSConfig, rewards: list[Callable] | None = None,
+RewardFactory = Callable[[VARSConfig, Any], list[Callable]]
+
+
+def build_trainer(config: VARSConfig, reward_factory: RewardFactory = make_rewards,
                   callbacks: list | None = None) -> GRPOTrainer:
-    """Model, data, rewards and GRPOTrainer from a validated config (no training yet)."""
+    """Model, data, rewards and GRPOTrainer from a validated config (no training yet).
+
+    ``reward_factory(config, processor)`` returns the reward functions in ``reward_weights``
+    order; any :class:`VisualReward` among them is bound to the policy.
+    """
     model, processor, peft_config = load_for_training(config)
     table = load_table(config.dataset, split=config.dataset_split, config=config.dataset_config,
                        max_samples=config.max_train_samples)
-    rewards = rewards or make_rewards(config, processor)
+    rewards = reward_factory(config, processor)
     if len(rewards) != len(config.reward_weights or REWARD_NAMES):
         raise ValueError(f"{len(rewards)} reward functions for reward_weights={config.reward_weights}")
     _suppress_non_text_tokens(config, processor)
     trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=rl_dataset(table),
                           processing_class=processor, peft_config=peft_config, callbacks=callbacks)
     for reward in rewards:
-        if isinstance(reward, VisualReward):
-            reward.bind(lambda: trainer.accelerator.unwrap_model(trainer.model))
+        inner = getattr(reward, "inner", reward)  # wrappers (e.g. recorders) expose what they wrap
+        if isinstance(inner, VisualReward):
+            inner.bind(lambda: trainer.accelerator.unwrap_model(trainer.model))
     return trainer
 
 
-def train(config: VARSConfig, rewards: list[Callable] | None = None,
+def train(config: VARSConfig, reward_factory: RewardFactory = make_rewards,
           callbacks: list | None = None) -> GRPOTrainer:
-    trainer = build_trainer(config, rewards, callbacks)
+    trainer = build_trainer(config, reward_factory, callbacks)
     resume = config.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True
