@@ -3,7 +3,7 @@
 - :func:`load_model_and_processor` loads Qwen2.5-VL / Qwen2-VL checkpoints (hub id or folder).
   Processors come from the stock ``AutoProcessor`` when torchvision is installed; without it
   (the stock Qwen-VL processor insists on a torchvision video processor) an image-only
-  :class:`QwenVLImageProcessorOnly` is used, built on transformers' PIL/numpy
+  :class:`QwenVLImageOnlyProcessor` is used, built on transformers' PIL/numpy
   ``Qwen2VLImageProcessorPil``. Both give the same ids and pixel values for images.
 - :class:`VLMAdapter` holds what is family-specific (special tokens, default system prompt,
   chat template); :func:`adapter_for` finds it in a registry keyed by ``model_type``.
@@ -43,7 +43,7 @@ def torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-class QwenVLImageProcessorOnly(Qwen2_5_VLProcessor):
+class QwenVLImageOnlyProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL processor for images only: image processor + tokenizer + chat template.
 
     The stock processor requires a video processor, and every transformers video processor
@@ -88,6 +88,13 @@ class VLMAdapter:
     def chat_template(self) -> str:
         return chat_template(self.chat_template_name)
 
+    def build_inputs(self, processor: ProcessorMixin, conversations: list[list[dict]],
+                     images: list[list[Image.Image | bytes]] | None = None,
+                     **kwargs: Any) -> BatchFeature:
+        """Batched chat inputs for this family (see the module-level :func:`build_inputs`);
+        a family whose processor differs overrides this."""
+        return build_inputs(processor, conversations, images, **kwargs)
+
 
 _QWEN2_VL = VLMAdapter(family="qwen2_vl", model_types=("qwen2_5_vl", "qwen2_vl"),
                        model_class="Qwen2_5_VLForConditionalGeneration",
@@ -100,7 +107,7 @@ ADAPTERS: dict[str, VLMAdapter] = {
 }
 # Processor class name -> model_type, for adapter_for(processor).
 _PROCESSOR_TYPES = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "Qwen2VLProcessor": "qwen2_vl",
-                    QwenVLImageProcessorOnly.__name__: "qwen2_5_vl"}
+                    QwenVLImageOnlyProcessor.__name__: "qwen2_5_vl"}
 
 
 def adapter_for(obj: Any) -> VLMAdapter:
@@ -119,12 +126,12 @@ def adapter_for(obj: Any) -> VLMAdapter:
 def load_processor(name_or_path: str | Path, **kwargs: Any) -> ProcessorMixin:
     """The processor of a checkpoint, with a chat template that has generation markers.
 
-    Folders saved with :class:`QwenVLImageProcessorOnly` (the tiny model) and any checkpoint
+    Folders saved with :class:`QwenVLImageOnlyProcessor` (the tiny model) and any checkpoint
     on a machine without torchvision load with that class; otherwise the stock AutoProcessor.
     """
     saved_class = _saved_processor_class(name_or_path)
-    if saved_class == QwenVLImageProcessorOnly.__name__ or not torchvision_available():
-        processor = QwenVLImageProcessorOnly.from_pretrained(str(name_or_path), **kwargs)
+    if saved_class == QwenVLImageOnlyProcessor.__name__ or not torchvision_available():
+        processor = QwenVLImageOnlyProcessor.from_pretrained(str(name_or_path), **kwargs)
     else:
         from transformers import AutoProcessor
         processor = AutoProcessor.from_pretrained(str(name_or_path), **kwargs)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-TINY_VERSION = "v2"  # bump when the build changes: a new folder name forces a rebuild
+TINY_VERSION = "v3"  # bump when the build changes: a new folder name forces a rebuild
 DONE_MARKER = "avar_tiny_model.json"
 
 # The Qwen2.5-VL special tokens, in the stock order (ids follow the trained vocabulary).
@@ -100,7 +100,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, model_type: str = "qwen
         Qwen2VLImageProcessorPil,
     )
 
-    from pipeline.models import QwenVLImageProcessorOnly, chat_template
+    from pipeline.models import QwenVLImageOnlyProcessor, chat_template
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -114,7 +114,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, model_type: str = "qwen
             min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision["patch_size"],
             merge_size=vision["spatial_merge_size"],
             temporal_patch_size=vision["temporal_patch_size"])
-        processor = QwenVLImageProcessorOnly(image_processor, tokenizer,
+        processor = QwenVLImageOnlyProcessor(image_processor, tokenizer,
                                              chat_template=chat_template())
         tokenizer.chat_template = processor.chat_template
         model = _build_model(tokenizer, model_type, seed, vision, text_overrides)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from pipeline import tiny_vlm
 from pipeline.models import (
-    QwenVLImageProcessorOnly,
+    QwenVLImageOnlyProcessor,
     adapter_for,
     build_inputs,
     build_tiny_model,
@@ -109,7 +109,7 @@ def test_concurrent_first_use_builds_once(tmp_path, monkeypatch):
 
 def test_reload_and_forward_with_pixel_values(tiny_model_and_processor):
     model, processor = tiny_model_and_processor
-    assert isinstance(processor, QwenVLImageProcessorOnly)
+    assert isinstance(processor, QwenVLImageOnlyProcessor)
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     batch = build_inputs(processor, [CONVERSATIONS[0]], [[make_image(0, (100, 130))]])
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_generate_with_left_padding_and_mixed_images(tiny_model_and_processor):
 def test_processor_round_trip(tiny_processor, tmp_path):
     tiny_processor.save_pretrained(tmp_path)
     again = load_processor(tmp_path)
-    assert type(again) is QwenVLImageProcessorOnly and again.chat_template == chat_template()
+    assert type(again) is QwenVLImageOnlyProcessor and again.chat_template == chat_template()
     images = [[make_image(3, (77, 55)), make_image(4)]]
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                                  {"type": "text", "text": "Same?"}]}]
@@ -168,7 +168,7 @@ def test_template_renders_like_stock_qwen_template(tiny_processor):
 
 
 def test_stock_template_is_swapped_for_generation_markers(tiny_model_dir):
-    processor = QwenVLImageProcessorOnly.from_pretrained(str(tiny_model_dir))
+    processor = QwenVLImageOnlyProcessor.from_pretrained(str(tiny_model_dir))
     processor.chat_template = STOCK_QWEN_VL_TEMPLATE
     from pipeline.models import _install_generation_template
     _install_generation_template(processor)
@@ -237,12 +237,33 @@ def test_loads_a_stock_layout_checkpoint_without_torchvision(tiny_model_dir, tmp
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}))
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": STOCK_QWEN_VL_TEMPLATE}))
     model, processor = load_model_and_processor(tmp_path)
-    assert isinstance(processor, QwenVLImageProcessorOnly)
+    assert isinstance(processor, QwenVLImageOnlyProcessor)
     assert processor.chat_template == chat_template()  # stock template swapped for ours
     batch = build_inputs(processor, [CONVERSATIONS[0]], [[make_image(0, (300, 200))]])
     assert batch["image_grid_thw"].tolist() == [[1, 14, 22]]  # stock smart_resize of 300x200
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_stock_auto_processor_is_used_when_torchvision_is_there(tmp_path, monkeypatch):
+    import transformers
+
+    from pipeline import models
+    (tmp_path / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "Qwen2_5_VLProcessor"}))
+    stock = QwenVLImageOnlyProcessor.from_pretrained(str(tiny_vlm.tiny_model_path()))
+    stock.chat_template = STOCK_QWEN_VL_TEMPLATE
+    asked = []
+
+    def fake_auto(name, **kwargs):
+        asked.append(name)
+        return stock
+
+    monkeypatch.setattr(models, "torchvision_available", lambda: True)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", fake_auto)
+    processor = load_processor(tmp_path)
+    assert asked == [str(tmp_path)] and processor is stock
+    assert processor.chat_template == chat_template()
 
 
 def test_build_inputs_refuses_bad_padding_side(tiny_processor):
@@ -261,6 +282,9 @@ def test_adapter_registry(tiny_model_and_processor):
     adapter = adapter_for(model)
     assert adapter is adapter_for(processor) is adapter_for(model.config) is adapter_for("qwen2_5_vl")
     assert adapter.default_system_prompt == "You are a helpful assistant."
+    via_adapter = adapter.build_inputs(processor, [CONVERSATIONS[0]], [[make_image(0)]])
+    direct = build_inputs(processor, [CONVERSATIONS[0]], [[make_image(0)]])
+    assert torch.equal(via_adapter["input_ids"], direct["input_ids"])
     assert adapter.special_tokens(processor).image_pad == model.config.image_token_id
     assert adapter_for("qwen2_vl").model_cls().__name__ == "Qwen2VLForConditionalGeneration"
     with pytest.raises(ValueError, match="no VLM adapter.*supported model types"):
