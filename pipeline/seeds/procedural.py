@@ -175,9 +175,23 @@ def problem_plan(config: SeedsConfig, index: int) -> tuple[str, int, int]:
     return family, problem_seed, difficulty
 
 
+MAX_REDRAWS = 20
+
+
 def iter_procedural(config: SeedsConfig) -> Iterator[dict]:
-    """``config.n`` problems, families round-robin, difficulties spread over the range."""
+    """``config.n`` distinct problems, families round-robin, difficulties spread over the range.
+
+    Easy levels have few possible figures, so a problem identical to an earlier one (same id)
+    is redrawn with a derived seed; the set of seen ids costs 16 bytes per problem.
+    """
+    seen: set[bytes] = set()
     for index in range(config.n or 0):
         family, problem_seed, difficulty = problem_plan(config, index)
-        yield generate_problem(family, problem_seed, difficulty, config.image_size,
-                               config.choice_fraction)
+        for redraw in range(MAX_REDRAWS):
+            record = generate_problem(family, problem_seed + redraw, difficulty, config.image_size,
+                                      config.choice_fraction)
+            key = bytes.fromhex(record["id"])
+            if key not in seen:
+                break
+        seen.add(key)
+        yield record

@@ -54,8 +54,11 @@ def _segment(cv: Canvas, p, q, width: float = 3):
     cv.draw.line([p, q], fill=LINE, width=cv.px(width))
 
 
-def _fit(points: dict, size: int, margin: float) -> dict:
-    """Scale and centre math-coordinate points (y up) into the canvas (y down)."""
+def _fit(points: dict, size: int, margin: float, turn: float = 0.0) -> dict:
+    """Rotate math-coordinate points (y up) by ``turn`` degrees, then scale and centre them
+    into the canvas (y down). The small random turn keeps figures of equal numbers distinct."""
+    c, s = math.cos(math.radians(turn)), math.sin(math.radians(turn))
+    points = {k: (x * c - y * s, x * s + y * c) for k, (x, y) in points.items()}
     xs, ys = [p[0] for p in points.values()], [p[1] for p in points.values()]
     span = max(max(xs) - min(xs), max(ys) - min(ys))
     scale = (size - 2 * margin) / span
@@ -98,7 +101,7 @@ def _triangle_angle(rng: random.Random, level: int, size: int) -> Draft:
     if exterior:
         raw["D"] = (1.35, 0.0)
     cv = Canvas(size)
-    pts = _fit(raw, size, cv.px(70))
+    pts = _fit(raw, size, cv.px(70), turn=rng.uniform(-12, 12))
     for p, q in (("A", "B"), ("B", "C"), ("C", "A")):
         _segment(cv, pts[p], pts[q])
     if exterior:
@@ -146,7 +149,7 @@ def _parallel_angle(rng: random.Random, level: int, size: int) -> Draft:
     alpha = rng.choice([a for a in range(35, 146, step) if not 78 <= a <= 102])
     cv = Canvas(size)
     s = float(size)
-    y_m, y_n, cx = 0.36 * s, 0.66 * s, 0.5 * s
+    y_m, y_n, cx = rng.uniform(0.3, 0.4) * s, rng.uniform(0.62, 0.7) * s, rng.uniform(0.44, 0.56) * s
     d = (math.cos(math.radians(alpha)), -math.sin(math.radians(alpha)))
     half = (y_n - y_m) / 2 / math.sin(math.radians(alpha))
     cy = (y_m + y_n) / 2
@@ -228,16 +231,21 @@ def _right_triangle(rng: random.Random, level: int, size: int) -> Draft:
     find = "hypotenuse" if level == 1 else rng.choice(["hypotenuse", "leg"])
     raw = {"C": (0.0, 0.0), "B": (float(a), 0.0), "A": (0.0, float(b))}
     cv = Canvas(size)
-    pts = _fit(raw, size, cv.px(75))
+    pts = _fit(raw, size, cv.px(75), turn=rng.uniform(-20, 20))
     for p, q in (("A", "B"), ("B", "C"), ("C", "A")):
         _segment(cv, pts[p], pts[q])
     elements: list[dict] = []
     _vertex_labels(cv, pts, "ABC", elements)
-    cx_, cy_ = pts["C"]
-    m = cv.px(16)
-    cv.draw.line([(cx_ + m, cy_), (cx_ + m, cy_ - m), (cx_, cy_ - m)], fill=MARK, width=cv.px(2))
+    corner = [pts["C"]]
+    for toward in ("B", "A"):  # the little square sits along both legs, whatever the turn
+        dx, dy = pts[toward][0] - pts["C"][0], pts[toward][1] - pts["C"][1]
+        d = math.hypot(dx, dy)
+        corner.append((pts["C"][0] + dx / d * cv.px(16), pts["C"][1] + dy / d * cv.px(16)))
+    far = (corner[1][0] + corner[2][0] - corner[0][0], corner[1][1] + corner[2][1] - corner[0][1])
+    cv.draw.line([corner[1], far, corner[2]], fill=MARK, width=cv.px(2))
+    xs, ys = [p[0] for p in (*corner, far)], [p[1] for p in (*corner, far)]
     elements.append(element("right_C", "right angle at C", "right_angle",
-                            clamp_box((cx_, cy_ - m, cx_ + m, cy_), size), vertex="C", value=90))
+                            clamp_box((min(xs), min(ys), max(xs), max(ys)), size), vertex="C", value=90))
     centroid = (sum(pts[n][0] for n in "ABC") / 3, sum(pts[n][1] for n in "ABC") / 3)
     lengths = {"BC": a, "CA": b, "AB": c}
     target = "AB" if find == "hypotenuse" else rng.choice(["BC", "CA"])
