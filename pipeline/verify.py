@@ -39,6 +39,10 @@ _LHS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(?:\([A-Za-z]\))?\s*=\s*(?=\S)")
 _UNIT_RE = re.compile(r"\s*(?<![\\A-Za-z])(?!pi\b)[A-Za-z]+(?:\^?\{?[23]\}?|[²³])?"
                       r"(?:\s*/\s*[A-Za-z]+(?:\^?\{?[23]\}?|[²³])?)?\s*$")
 _WORD_RE = re.compile(r"(?<!\\)\b(?!(?:sqrt|sin|cos|tan|cot|sec|csc|log|ln|exp|pi|frac|infty|cup|cap)\b)[A-Za-z]{3,}\b")
+# Power towers (9^{9^{9^9}}) make sympy evaluate for hours; outside the main thread there is no
+# timeout to stop it, so such answers are not handed to math_verify there.
+_TOWER_RE = re.compile(r"\d\s*(?:\^|\*\*)\s*[{(]?\s*\d+(?:\.\d+)?\s*(?:\^|\*\*)")
+_MAX_MATH_CHARS = 1000
 _LETTER_ONLY_RE = re.compile(r"^\(?\[?([A-Za-z])\]?\)?$")
 _LETTER_DELIM_RE = re.compile(r"^(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])\s*[.:)\]])\s*(.*)$", re.DOTALL)
 _LETTER_SPACE_RE = re.compile(r"^([A-Z])\s+(.+)$", re.DOTALL)
@@ -109,9 +113,11 @@ def _math(text: str, numeric: bool) -> list:
     s = _clean(text)
     if numeric:
         s = _strip_units(s)
-    if not s:
+    if not s or len(s) > _MAX_MATH_CHARS:
         return []
     timeout = _MATH_TIMEOUT_S if _in_main_thread() else None
+    if timeout is None and _TOWER_RE.search(s):
+        return []
     # Wrapped in $...$ math_verify reads "1+x" whole; raw, it extracts a number from prose.
     attempts = [s] if _WORD_RE.search(s) else [f"${s}$", s]
     for attempt in attempts:

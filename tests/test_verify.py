@@ -96,3 +96,19 @@ def test_verify_stage_keeps_wrong_answers_and_rejects_unreadable_ones():
     assert unreadable.field == "$.response" and "ab" * 16 in unreadable.message
     assert isinstance(missing, Reject) and missing.reason == "missing_input"
     assert choice["verification"]["method"] == "choice_letter" and choice["verification"]["correct"]
+
+
+def test_power_towers_and_huge_answers_cannot_hang_a_worker_thread():
+    out = []
+
+    def work():
+        out.append(compare("9^{9^{9^{9}}}", "5", "number"))
+        out.append(compare("1" * 5000, "5", "number"))
+        out.append(compare("e^{x^2}", "e^{x^{2}}", "expression"))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive()
+    tower, huge, fine = out
+    assert tower.method == huge.method == "unparsable" and fine.correct
