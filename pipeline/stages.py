@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ STAGE_SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
     "reason": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 8192, "seed": 0},
     "anchor": {"temperature": 0.3, "top_p": 0.95, "max_tokens": 8192, "seed": 0},
 }
+_REASON_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # schemas/reject.schema.json
 # Reject reasons about the content of one output: another rollout may do better.
 REROLL_REASONS = frozenset({"describe_empty", "format_invalid", "anchor_answer_changed",
                             "teacher_truncated", "teacher_malformed", "teacher_refused"})
@@ -256,7 +258,9 @@ class TeacherStage:
                  sampling: dict, rollout: int) -> dict | Reject:
         field_path = f"$.stages.{self.name}.text"
         if isinstance(result, TeacherError):
-            return self._reject(record, result.reason, f"teacher {self.teacher.model}: {result.message}",
+            reason = result.reason if _REASON_RE.match(str(result.reason)) else "teacher_failed"
+            detail = "" if reason == result.reason else f" [backend reason {result.reason!r}]"
+            return self._reject(record, reason, f"teacher {self.teacher.model}: {result.message}{detail}",
                                 field_path)
         finished = self._finish(record, result.text)
         if isinstance(finished, Reject):

@@ -228,3 +228,9 @@ def test_concurrent_runs_on_one_stage_share_loop_and_counters(tmp_path):
             outs = list(pool.map(lambda i: stage.run([seed(i)]), range(8)))
         assert all(isinstance(o[0], dict) for o in outs)
         assert stage.usage_summary()["requests"] == 8
+
+
+def test_backend_reason_codes_outside_the_contract_are_mapped():
+    teacher = ScriptedTeacher(dict(REPLIES, describe=TeacherError("Weird Code!", "boom")))
+    [rej] = DescribeStage(teacher=teacher, progress=False).run([seed(1)])
+    assert rej.reason == "teacher_failed" and "Weird Code!" in rej.message and "boom" in rej.message
