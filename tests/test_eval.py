@@ -1,0 +1,68 @@
+"""trainer.eval: grading of generated outputs and the end-to-end report on a MathVista-style set."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from PIL import Image, ImageDraw
+
+from pipeline.models import load_model_and_processor
+from pipeline.vas import VASItem, model_vas
+from trainer import eval as evaluation
+from trainer.data import eval_examples
+
+
+def mathvista_like(n: int = 3) -> datasets.Dataset:
+    rows = []
+    for i in range(n):
+        image = Image.new("RGB", (56, 56), "white")
+        ImageDraw.Draw(image).rectangle((10, 10, 10 + 10 * (i + 1), 40), fill="black")
+        if i % 2 == 0:
+            rows.append({"pid": str(i), "decoded_image": image, "question": "How wide is the bar?",
+                         "query": "Question: How wide is the bar? Answer with an integer.",
+                         "choices": None, "answer": str(10 * (i + 1)), "answer_type": "integer",
+                         "question_type": "free_form"})
+        else:
+            rows.append({"pid": str(i), "decoded_image": image, "question": "Is the bar wide?",
+                         "query": "Question: Is the bar wide?\nChoices:\n(A) yes\n(B) no",
+                         "choices": ["yes", "no"], "answer": "no", "answer_type": "text",
+                         "question_type": "multi_choice"})
+    return datasets.Dataset.from_list(rows)
+
+
+def test_grading_reads_tags_letters_and_numbers():
+    examples = eval_examples(mathvista_like(3))
+    assert [e.answer_type for e in examples] == ["number", "choice", "number"]
+    assert "Choices:\n(A) yes" in examples[1].prompt and examples[1].prompt.count("(A) yes") == 1
+    cases = [(examples[0], "<think>the bar spans 10 px</think><answer>10</answer>", True, True),
+             (examples[0], "<think>..</think><answer>12</answer>", False, True),
+             (examples[1], "<think>short bar</think><answer>B</answer>", True, True),
+             (examples[1], "The bar is short.\nno", True, False),  # untagged: last line
+             (examples[2], "", False, False)]
+    for example, text, correct, tagged in cases:
+        result = evaluation.grade(example, text)
+        assert (result["correct"], result["answer_tag"]) == (correct, tagged), text
+
+
+def test_end_to_end_report(tmp_path, tiny_model_dir, capsys):
+    folder = tmp_path / "bench"
+    mathvista_like(3).save_to_disk(str(folder))
+    out = tmp_path / "report.json"
+    report = evaluation.main(["--model", "tiny", "--data", str(folder), "--split", "train",
+                              "--max-samples", "3", "--max-new-tokens", "6", "--max_pixels", "12544",
+                              "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 3 and len(saved["per_sample"]) == 3
+    assert saved["accuracy"] == pytest.approx(sum(s["correct"] for s in saved["per_sample"]) / 3)
+    assert saved["vas"]["n_scored"] == 3
+    # the report's VAS is the paper's model-level VAS on the same prompts
+    model, processor = load_model_and_processor(tiny_model_dir)
+    items = [VASItem(key=e.id, images=e.images, question=e.prompt) for e in eval_examples(mathvista_like(3))]
+    expected = model_vas(model.eval(), processor, items, max_pixels=12544, progress=False)
+    assert saved["vas"]["raw"] == pytest.approx(expected.raw, rel=1e-5)
+    assert saved["vas"]["normalized"] == pytest.approx(expected.normalized, rel=1e-5)
+    table = capsys.readouterr().out
+    assert "| tiny |" in table and f"{saved['vas']['raw']:.2f}" in table
+    assert report["per_sample"][0]["id"] == "0"
