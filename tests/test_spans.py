@@ -23,6 +23,7 @@ from pipeline.spans import (
 from tests.conftest import make_image
 
 SPAN_NAMES = ("system", "image", "user", "response")
+N_RANDOM = 36
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -43,6 +44,8 @@ def _reference(tokenizer, conversation, pads_per_image, system_default=True):
             if part["type"] == "image":
                 pieces += [("<|vision_start|>", None), ("<|image_pad|>" * next(images), "image"),
                            ("<|vision_end|>", None)]
+            elif pieces[-1][1] == label_of[role]:  # adjacent text parts tokenise as one text
+                pieces[-1] = (pieces[-1][0] + part["text"], label_of[role])
             else:
                 pieces.append((part["text"], label_of[role]))
         pieces += [("<|im_end|>", "response" if role == "assistant" else None), ("\n", None)]
@@ -214,6 +217,58 @@ def test_truncated_response_runs_to_the_end(tiny_processor):
     cut = batch["input_ids"][:, :-4]  # drops "<|im_end|>\n" and two content tokens
     spans = compute_spans(cut, None, tiny_processor)
     assert spans.response[0, -1] and spans.response[0].sum() > 0
+
+
+def _random_conversation(rng):
+    words = ["the", "angle", "x", "=", "40", "degrees.", "Check", "image", "again:", "<think>",
+             "</think>", "<answer>", "B</answer>", "\n", "\n\n", "  ", "tab\t", "Wait,", "3/4"]
+
+    def text():
+        return "".join(rng.choice(words) + rng.choice(["", " ", " ", "\n"])
+                       for _ in range(rng.randint(1, 12))).lstrip("\n ")
+
+    conversation = []
+    if rng.random() < 0.4:
+        conversation.append({"role": "system", "content": text()})
+    n_images = 0
+    for _ in range(rng.randint(1, 3)):
+        parts = []
+        for _ in range(rng.randint(1, 4)):
+            if rng.random() < 0.35:
+                parts.append({"type": "image"})
+                n_images += 1
+            else:
+                parts.append({"type": "text", "text": text()})
+        content = parts if rng.random() < 0.8 or n_images else text()
+        conversation += [{"role": "user", "content": content},
+                         {"role": "assistant", "content": text()}]
+    return conversation, n_images
+
+
+def test_random_conversations_match_reference_in_padded_batches(tiny_processor):
+    import random
+    rng = random.Random(1234)
+    samples = [_random_conversation(rng) for _ in range(N_RANDOM)]
+    for start in range(0, len(samples), 6):
+        chunk = samples[start:start + 6]
+        conversations = [c for c, _ in chunk]
+        images = [[make_image(rng.randint(0, 99), (rng.randint(20, 120), rng.randint(20, 120)))
+                   for _ in range(n)] for _, n in chunk]
+        side = rng.choice(["left", "right"])
+        batch = build_inputs(tiny_processor, conversations, images, padding_side=side)
+        spans = compute_spans(batch["input_ids"], batch["attention_mask"], tiny_processor)
+        merge = tiny_processor.image_processor.merge_size
+        grids = iter((batch["image_grid_thw"].prod(dim=1) // merge**2).tolist()
+                     if "image_grid_thw" in batch else [])
+        for row, (conversation, n_images) in enumerate(chunk):
+            pads = [next(grids) for _ in range(n_images)]
+            ids, labels = _reference(tiny_processor.tokenizer, conversation, pads)
+            real = batch["attention_mask"][row].bool()
+            assert batch["input_ids"][row][real].tolist() == ids, f"sample {start + row}"
+            for name in SPAN_NAMES:
+                expected = [label == name for label in labels]
+                assert getattr(spans, name)[row][real].tolist() == expected, \
+                    f"sample {start + row}: span {name}"
 
 
 # Synthetic ids: multi-token role names, a merged "\n\n" header token, unknown roles.
