@@ -101,14 +101,34 @@ def open_rows(config: SeedsConfig) -> tuple[Iterator[dict], Path | None]:
     return iter(ds.decode(False)), base
 
 
+class DatasetReadError(ValueError):
+    """The dataset itself cannot be read (not one bad row): inconsistent column types across
+    rows, an unreadable file, a missing split. Names the source and where reading stopped."""
+
+
 def iter_dataset(config: SeedsConfig) -> Iterator[dict | Reject]:
     """Seed records or rejects, one per row, at most ``config.n`` rows."""
     source = source_name(config)
-    rows, base = open_rows(config)
-    for index, row in enumerate(rows):
-        if config.n is not None and index >= config.n:
-            break
+    where = config.repo_id if config.kind == "hub" else config.path
+    try:
+        rows, base = open_rows(config)
+    except ValueError as err:
+        if type(err) is ValueError:  # our own config messages
+            raise
+        raise DatasetReadError(f"seeds: datasets could not read {where}: {err}") from err
+    except Exception as err:  # datasets/pyarrow raise many unrelated types
+        raise DatasetReadError(f"seeds: datasets could not read {where}: {type(err).__name__}: {err}") from err
+    index = 0
+    while config.n is None or index < config.n:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:  # as above; row-level problems never land here
+            raise DatasetReadError(f"seeds: datasets could not read {where} at row {index}: "
+                                   f"{type(err).__name__}: {err}") from err
         yield row_to_seed(row, index, config, source, base)
+        index += 1
 
 
 def _image_bytes(item: Any, field: str, base: Path | None) -> tuple[bytes, str | None]:
