@@ -12,9 +12,9 @@ Layout of ``out_dir``::
 the data files). Exports for other trainers go to ``exports_dir`` (EasyR1/verl parquet and
 LLaMA-Factory sharegpt JSON + image files), derived from the published shards.
 
-Records stream in once and never sit in memory together: they are spilled to 256 bucket files
-by id prefix (ids are hex content hashes, so prefix order is id order and a bucket holds ~1/256
-of the data); each bucket is then read, sorted and routed to its split's shards. The split is a hash of (seed, id), so it never changes when data is added.
+Records stream in once and never sit in memory together: each row is spilled to its own file,
+then the shards are written in id order one row group at a time (pipeline.sharding); peak memory
+is one row group plus the ids. The split is a hash of (seed, id), so it never changes when data is added.
 Re-publishing identical data is a no-op: the manifest's digest matches and no file is touched.
 """
 
@@ -36,14 +36,13 @@ from tqdm.auto import tqdm
 from pipeline.cards import CardStats, assert_no_secrets, write_card, write_if_changed
 from pipeline.exports import export_easyr1, export_llamafactory
 from pipeline.ids import stable_hash
-from pipeline.sharding import Buckets, plan_shards, write_shards
+from pipeline.sharding import RowSpill, plan_shards, write_shards
 
 FORMAT_VERSION = "1"
 MANIFEST = "avar_manifest.json"
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
 QUESTION_TEMPLATE = "trainer_question.j2"  # the trainer's user-turn template: one wording everywhere
 ROW_GROUP_ROWS = 64  # small row groups keep the Hub viewer responsive with embedded images
-BUCKET_FLUSH_BYTES = 2_000_000
 STAGE_ORDER = ("describe", "reason", "anchor")
 
 _TEXT = datasets.Value("string")
@@ -244,27 +243,23 @@ def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "buckets").mkdir(parents=True)
+    staging.mkdir(parents=True)
     stats = CardStats(gallery_size=config.gallery_size, seed=config.seed)
     sizes: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     digests: list[tuple[str, str]] = []
     seen: set[str] = set()
     try:
-        buckets = Buckets(staging / "buckets", FEATURES, BUCKET_FLUSH_BYTES, ROW_GROUP_ROWS)
-        try:
-            for record in tqdm(records, desc="publish", unit="sample", disable=not progress):
-                row = published_row(record)
-                if row["id"] in seen:
-                    raise PublishError(f"record {row['id']}: field $.id: appears twice in the input")
-                seen.add(row["id"])
-                split = split_of(row["id"], config.test_fraction, config.seed)
-                nbytes = _row_bytes(row)
-                sizes[split].append((row["id"], nbytes))
-                digests.append((row["id"], row_digest(row)))
-                stats.add(record, split)
-                buckets.add(row, nbytes)
-        finally:
-            buckets.close()
+        spill = RowSpill(staging / "rows", FEATURES)
+        for record in tqdm(records, desc="publish: read", unit="sample", disable=not progress):
+            row = published_row(record)
+            if row["id"] in seen:
+                raise PublishError(f"record {row['id']}: field $.id: appears twice in the input")
+            seen.add(row["id"])
+            split = split_of(row["id"], config.test_fraction, config.seed)
+            sizes[split].append((row["id"], _row_bytes(row)))
+            digests.append((row["id"], row_digest(row)))
+            stats.add(record, split)
+            spill.add(row)
         if not seen:
             raise PublishError("no records to publish (did the filter keep anything?)")
         splits = [s for s in ("train", "test") if sizes[s]]
@@ -274,8 +269,8 @@ def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None 
         changed = not _unchanged(out_dir, digest)
         if changed:
             (staging / "data").mkdir()
-            staged = write_shards(buckets, plans, staging / "data",
-                                  lambda i: split_of(i, config.test_fraction, config.seed), ROW_GROUP_ROWS)
+            with tqdm(total=len(seen), desc="publish: write", unit="sample", disable=not progress) as bar:
+                staged = write_shards(spill, plans, staging / "data", ROW_GROUP_ROWS, progress=bar.update)
             files = _install(staging, out_dir, staged)
             manifest = {"format_version": FORMAT_VERSION, "digest": digest, "files": files,
                         "splits": {s: len(sizes[s]) for s in splits}}
