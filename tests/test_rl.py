@@ -172,3 +172,14 @@ def test_logged_reward_parts_equal_independent_recomputation(grpo_run, eager):
         assert logs[step]["r_visual_ungated"] == pytest.approx(mean(ungated), rel=1e-4)
         weighted = [a + 0.3 * v + 0.1 * f for a, v, f in zip(map(float, correct), r_visual, r_format)]
         assert logs[step]["reward"] == pytest.approx(mean(weighted), rel=1e-4, abs=1e-7)
+
+
+def test_paper_config_parses_to_paper_settings(tmp_path):
+    paper = parse_config(VARSConfig, ["--config", str(ROOT / "configs" / "rl.yaml"), "--dataset", "toy",
+                                      "--output_dir", str(tmp_path), "--bf16", "false", "--use_cpu", "true"])
+    assert paper.reward_weights == [1.0, 0.3, 0.1]
+    assert (paper.num_generations, paper.beta, paper.learning_rate, paper.num_train_epochs) == (8, 0.0, 1e-6, 4)
+    # 8 GPUs: 16 x 16 x 8 completions = 256 prompts x 8 rollouts per generation batch
+    assert paper.per_device_train_batch_size * paper.gradient_accumulation_steps * 8 // paper.num_generations == 256
+    with pytest.raises(ValueError, match="reward_weights needs 3 values"):
+        parse_config(VARSConfig, ["--config", TINY, "--output_dir", str(tmp_path), "--reward_weights", "1.0", "0.3"])

@@ -160,3 +160,12 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
                                     "--gradient_checkpointing", "true"))
     for key in ("lm_loss", "l_enh", "l_sup"):
         assert logged(checkpointed, key) == pytest.approx(logged(plain, key), rel=1e-4), key
+
+
+def test_paper_config_parses_to_paper_settings(tmp_path):
+    paper = parse_config(AGTOConfig, ["--config", str(ROOT / "configs" / "sft.yaml"), "--dataset", "toy",
+                                      "--output_dir", str(tmp_path), "--bf16", "false", "--use_cpu", "true"])
+    assert (paper.alpha, paper.beta, paper.eps, paper.agto_layers) == (0.15, 0.15, 1e-6, None)
+    assert (paper.num_train_epochs, paper.learning_rate, paper.max_length, paper.max_pixels) == (20, 5e-6, 8192, 262144)
+    assert paper.per_device_train_batch_size * paper.gradient_accumulation_steps * 8 == 512
+    assert paper.assistant_only_loss and not paper.use_peft and not paper.freeze_vision_tower
