@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 
@@ -184,9 +185,11 @@ class Deduplicator:
         minhash = None
         if self._lsh is not None and grams:
             permutations, scheme = self._shared_permutations()
+            # crc32 (C, stable across processes) instead of datasketch's default sha1: the
+            # per-shingle hash is the hot loop, and 32 bits is all MinHash keeps anyway.
             minhash = MinHash(num_perm=self.config.num_perm, seed=self.config.seed,
-                              permutations=permutations, scheme=scheme)
-            minhash.update_batch([g.encode("utf-8") for g in sorted(grams)])
+                              permutations=permutations, scheme=scheme, hashfunc=zlib.crc32)
+            minhash.update_batch([g.encode("utf-8") for g in grams])
         self._memo = _Signature(record_id, exact, images, minhash)
         return self._memo
 
