@@ -54,6 +54,14 @@ def assert_no_secrets(text: str, where: str) -> None:
             raise SecretLeak(f"refusing to write {where}: it contains the value of ${name}")
 
 
+def safe_name(record_id: str) -> str:
+    """A file-name-safe form of an id (ids are hex hashes; anything else is made harmless)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", record_id)[:64]
+    if cleaned == record_id:
+        return cleaned
+    return f"{cleaned}-{hashlib.sha256(record_id.encode('utf-8')).hexdigest()[:12]}"
+
+
 def write_if_changed(path: Path, data: bytes | str) -> bool:
     """Atomically write ``data`` unless the file already holds exactly it. True when written."""
     blob = data.encode("utf-8") if isinstance(data, str) else data
@@ -336,7 +344,7 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
     for item in gallery:
         item["thumbnail_files"] = []
         for i, blob in enumerate(item.pop("thumbnails")):
-            rel = f"{GALLERY_DIR}/{item['id']}-{i}.png"
+            rel = f"{GALLERY_DIR}/{safe_name(item['id'])}-{i}.png"
             write_if_changed(card_dir / rel, blob)
             item["thumbnail_files"].append(rel)
             wanted.add(card_dir / rel)

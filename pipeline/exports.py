@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.cards import safe_name
+
 IMAGE_TAG = "<image>"
 BATCH_ROWS = 64
 _TEXT = datasets.Value("string")
@@ -77,7 +79,7 @@ def export_llamafactory(shards: dict[str, list[Path]], folder: Path, dataset_nam
                 for row in rows:
                     rel_paths = []
                     for i, image in enumerate(row["images"]):
-                        rel = f"images/{row['id']}-{i}.{_extension(image['bytes'])}"
+                        rel = f"images/{safe_name(row['id'])}-{i}.{_extension(image['bytes'])}"
                         (folder / rel).write_bytes(image["bytes"])
                         rel_paths.append(rel)
                     item = {"id": row["id"], "images": rel_paths, "messages": [

@@ -130,7 +130,9 @@ def response_length(response: str, unit: str) -> int:
 def vas_value(record: dict, metric: str) -> float | None:
     vas = record.get("vas")
     value = vas.get(metric) if isinstance(vas, dict) else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None  # NaN would pass every comparison: treat it as missing
+    return float(value)
 
 
 def upper_quantile_threshold(values: Iterable[float], keep_fraction: float) -> float | None:
@@ -252,7 +254,7 @@ class FilterStage:
             metric = self.config.vas_metric
             value = vas_value(record, metric)
             if value is None:
-                found = "vas", "schema_invalid", f"vas.{metric} missing (run the VAS stage first)", f"$.vas.{metric}"
+                found = "vas", "schema_invalid", f"vas.{metric} missing or not finite", f"$.vas.{metric}"
             elif value < self.vas_threshold:
                 found = "vas", "vas_below_threshold", f"vas.{metric} {value:.4g} < {self.vas_threshold:.4g}", f"$.vas.{metric}"
         if found is None:

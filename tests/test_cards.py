@@ -164,3 +164,11 @@ def test_card_without_funnel_says_so(tmp_path):
     text = result.card_path.read_text()
     assert "No filter funnel was recorded" in text
     assert _front_matter(text)["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
+
+
+def test_odd_ids_make_safe_file_names():
+    from pipeline.cards import safe_name
+
+    assert safe_name("0123abcd") == "0123abcd"
+    odd = safe_name("../../etc/passwd")
+    assert "/" not in odd and ".." not in odd and odd != safe_name("__/__/etc/passwd")

@@ -180,3 +180,12 @@ def test_near_duplicates_need_the_same_images_by_default():
     assert [r.reason for r in rejects] == ["exact_duplicate"]
     kept, rejects, _ = _run(FilterConfig(dedup=False), [first, first])
     assert len(kept) == 2 and not rejects
+
+
+def test_non_finite_vas_is_rejected_not_passed():
+    rec = make_record(0)
+    rec["vas"]["raw"] = float("nan")
+    kept, rejects, _ = _run(FilterConfig(vas_metric="raw", vas_threshold=0.5), [rec, make_record(1)])
+    assert len(kept) == 1 and rejects[0].reason == "schema_invalid" and rejects[0].field == "$.vas.raw"
+    kept, _, stage = _run(FilterConfig(vas_metric="raw", vas_quantile=1.0), [rec, make_record(1)])
+    assert stage.vas_info["n_candidates"] == 1 and len(kept) == 1
