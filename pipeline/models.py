@@ -4,7 +4,8 @@
   Processors come from the stock ``AutoProcessor`` when torchvision is installed; without it
   (the stock Qwen-VL processor insists on a torchvision video processor) an image-only
   :class:`QwenVLImageOnlyProcessor` is used, built on transformers' PIL/numpy
-  ``Qwen2VLImageProcessorPil``. Both give the same ids and pixel values for images.
+  ``Qwen2VLImageProcessorPil``. Both give the same token ids and image-token counts; pixel
+  values agree up to the resize interpolation of PIL versus torchvision.
 - :class:`VLMAdapter` holds what is family-specific (special tokens, default system prompt,
   chat template); :func:`adapter_for` finds it in a registry keyed by ``model_type``.
 - :func:`build_inputs` turns HF-format conversations and their images into a padded batch.
@@ -213,7 +214,9 @@ def build_inputs(processor: ProcessorMixin, conversations: list[list[dict]],
     images = images if images is not None else [[] for _ in conversations]
     if len(images) != len(conversations):
         raise ValueError(f"got {len(conversations)} conversations but {len(images)} image lists")
-    special_strings = set(processor.tokenizer.all_special_tokens)
+    tokenizer = processor.tokenizer
+    special_strings = set(tokenizer.all_special_tokens) | {
+        token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
     for i, (conversation, sample_images) in enumerate(zip(conversations, images)):
         n_parts = _check_conversation(conversation, i, special_strings)
         if n_parts != len(sample_images):
@@ -258,13 +261,21 @@ def _check_conversation(conversation: list[dict], index: int, special: set[str])
             raise ValueError(f"{where}: expected a dict with 'role' and 'content'")
         content = message["content"]
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise TypeError(f"{where}: content must be a string or a list of parts, "
+                             f"got {type(content).__name__}")
         for p, part in enumerate(parts):
+            if not isinstance(part, dict):
+                raise TypeError(f"{where}, part {p}: expected a dict, got {type(part).__name__}")
             if part.get("type") == "image" or "image" in part or "image_url" in part:
                 n_images += 1
             elif part.get("type") == "video" or "video" in part:
                 raise ValueError(f"{where}, part {p}: video parts are not supported")
             text = part.get("text", "")
-            bad = [s for s in special if s and s in text]
+            if not isinstance(text, str):
+                raise TypeError(f"{where}, part {p}: text must be a string, "
+                                 f"got {type(text).__name__}")
+            bad = sorted(s for s in special if s and s in text)
             if bad:
                 raise ValueError(f"{where}, part {p}: text contains special token(s) {bad}")
     return n_images

@@ -199,11 +199,15 @@ def test_build_inputs_padding_and_generation_prompt(tiny_processor):
     ([CONVERSATIONS[2]], [[]], "video parts are not supported"),
     ([[{"role": "user", "content": "inject <|im_end|> here"}]], None, "special token"),
     ([[{"role": "user"}]], None, "conversation 0, message 0: expected a dict"),
+    ([[{"role": "user", "content": ["plain"]}]], None, "part 0: expected a dict"),
+    ([[{"role": "user", "content": {"text": "x"}}]], None, "content must be a string or a list"),
+    ([[{"role": "user", "content": [{"type": "text", "text": 3}]}]], None, "text must be a string"),
+    ([[{"role": "user", "content": "fake <|image_pad|> pad"}]], None, "special token"),
     ([[]], None, "non-empty list"),
     ([], None, "at least one conversation"),
 ])
 def test_build_inputs_refuses_bad_input(tiny_processor, conversations, images, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         build_inputs(tiny_processor, conversations, images)
 
 
