@@ -41,8 +41,9 @@ def solve(scene: dict, voice: Voice) -> Solution:
                       f"{d['attrs']['value']} of {d['attrs']['category']}.")
         rest = sorted((e for e in scene["elements"] if e["kind"] == kind and e["attrs"]["series"] == series
                        and e["id"] != top["id"]), key=lambda e: -e["attrs"]["value"])
-        listing = ", ".join(f"{e['attrs']['category']} {e['attrs']['value']}" for e in rest)
-        voice.say(f"The other values{sp} ({listing}) are all below {top['attrs']['value']}.")
+        for e in rest:
+            voice.look(f"the {e['label']} is labelled {e['attrs']['value']}")
+        voice.say(f"All of these are below {top['attrs']['value']}, so {top['attrs']['category']} is the highest.")
         return Solution(top["attrs"]["category"], voice.steps)
     if op == "total":
         for t in targets:

@@ -26,8 +26,9 @@ def solve(scene: dict, voice: Voice) -> Solution:
                       f"{d['label']} holds {d['attrs']['value']}, less than the {first['value']} in {top['label']}.")
         others = [e for e in scene["elements"] if e["kind"] == "cell" and e["attrs"]["column"] == column
                   and e["id"] != top["id"]]
-        listing = ", ".join(f"{e['attrs']['row']} {e['attrs']['value']}" for e in others)
-        voice.say(f"The rest of column {column} ({listing}) is also below {first['value']}.")
+        for e in others:
+            voice.look(f"{e['label']} holds {e['attrs']['value']}")
+        voice.say(f"Every other value in column {column} is below {first['value']}, so the answer is {first['row']}.")
         return Solution(first["row"], voice.steps)
     meant = els[scene.get("distractor_for") or targets[0]["id"]]
     want = meant["attrs"]
