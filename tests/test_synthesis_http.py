@@ -59,7 +59,7 @@ def answer_text(call: ChatCall) -> str:
 
 def teacher_config(base_url: str, stage: str, **overrides) -> TeacherConfig:
     settings = {"backend": "openai", "model": MODELS[stage], "base_url": base_url, "max_concurrency": 4,
-                "timeout_s": 1.0, "max_retries": 6, "backoff_base_s": 0.005, "backoff_max_s": 0.02,
+                "timeout_s": 30.0, "max_retries": 6, "backoff_base_s": 0.005, "backoff_max_s": 0.02,
                 "max_pixels": None, "price_input_per_mtok": 1.0, "price_output_per_mtok": 2.0}
     return TeacherConfig(**{**settings, **overrides})
 
@@ -109,10 +109,12 @@ def test_clean_run_keeps_every_sample_and_caches_every_request(tmp_path):
 def test_fault_mix_ends_with_every_sample_kept_or_rejected_with_a_reason(tmp_path):
     records = seeds(12)
     faults = {"500": 0.08, "502": 0.06, "503": 0.06, "429": 0.1, "slow": 0.05, "malformed": 0.05}
-    with TeacherServer(answer_text, fault_rates=faults, seed=7, slow_s=1.0) as server:
+    # timeout well above a normal answer's latency even on a loaded machine: a request the server
+    # answered but the client gave up on would be sent again and count as a duplicate
+    with TeacherServer(answer_text, fault_rates=faults, seed=7, slow_s=3.0) as server:
         server.register(records)
         # one retry only, so that some requests fail for good and become rejects
-        synthesize(tmp_path / "store", records, server.base_url, max_retries=1, timeout_s=0.3)
+        synthesize(tmp_path / "store", records, server.base_url, max_retries=1, timeout_s=1.0)
         assert not server.duplicates()
         assert set(server.outcomes) - {"ok"}, "the fault mix injected no fault"
     store = WorkStore(tmp_path / "store")
