@@ -197,3 +197,15 @@ def test_push_uses_env_token_and_never_writes_it(tmp_path, monkeypatch, caplog):
     with pytest.raises(Exception, match="HF_TOKEN"):
         push_to_hub(config, readme.parent)
     assert publish_module.os.environ["HF_TOKEN"] == secret  # untouched
+
+
+def test_trainer_views_accept_the_published_folder(published):
+    from trainer.data import load_table, rl_dataset, sft_dataset
+
+    _, _, records, config, _ = published
+    table = load_table(config.out_dir, split="train")
+    sft = sft_dataset(table)
+    assert sft[0]["messages"][-1]["content"][0]["text"].startswith("<think>")
+    rl = rl_dataset(table)
+    by_id = {r["id"]: r for r in records}
+    assert all(row["answer"] == by_id[row["id"]]["gold_answer"] for row in rl)
