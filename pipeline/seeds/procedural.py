@@ -20,7 +20,7 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -68,9 +68,25 @@ class Canvas:
 
     def text(self, xy: tuple[float, float], text: str, size: float = 15, fill=INK,
              anchor: str = "mm") -> list[float]:
-        f = font(self.px(size))
-        self.draw.text(xy, text, font=f, fill=fill, anchor=anchor)
-        return clamp_box(self.draw.textbbox(xy, text, font=f, anchor=anchor), self.size)
+        mask, (x0, y0, x1, y1) = glyph_mask(text, self.px(size), anchor)
+        ink = self.image.palette.getcolor(fill, self.image)
+        left, top = round(xy[0]) + x0, round(xy[1]) + y0
+        self.image.paste(ink, (left, top), mask)
+        return clamp_box((left, top, left + x1 - x0, top + y1 - y0), self.size)
+
+
+@lru_cache(maxsize=8192)
+def glyph_mask(text: str, px: int, anchor: str) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """A rendered label as a 1-bit mask plus its box relative to the anchor point.
+
+    Labels repeat constantly (digits, tick values, names), and pasting a cached mask costs about
+    a tenth of laying the text out again with ``ImageDraw.text``.
+    """
+    f = font(px)
+    x0, y0, x1, y1 = f.getbbox(text, anchor=anchor)
+    mask = Image.new("1", (max(1, x1 - x0), max(1, y1 - y0)), 0)
+    ImageDraw.Draw(mask).text((-x0, -y0), text, font=f, fill=1, anchor=anchor)
+    return mask, (x0, y0, x1, y1)
 
 
 def clamp_box(box, size: int) -> list[float]:

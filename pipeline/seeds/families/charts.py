@@ -103,7 +103,9 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
                 cx = left + group * (i + 0.5)
                 points.append((cx, y))
                 box = point_box(cx, y, cv.px(4), size)
-                vbox = cv.text((cx, y + (cv.px(15) if j == 1 else -cv.px(14))), str(v), size=12, fill=COLORS[j])
+                # the label goes on the side away from the other series, so the two never collide
+                below = n_series == 2 and (v < values[1 - j][i] or (v == values[1 - j][i] and j == 1))
+                vbox = cv.text((cx, y + (cv.px(15) if below else -cv.px(14))), str(v), size=12, fill=COLORS[j])
                 kind, label = "point", f"{prefix}point for {cat}"
             eid = f"{kind}_{j}_{i}"
             ids[(j, i)] = eid
