@@ -239,6 +239,8 @@ def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None 
     ``funnel`` is the filter's funnel (dict); ``provenance`` is ``{"config_digest", "config"}``
     of the synthesis run (public fields only; prices per stage are read from it for the card).
     """
+    if config.push:
+        _hub_token()  # refuse before any work, not after writing the whole dataset
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".staging-{os.getpid()}"
@@ -329,16 +331,21 @@ def _write_exports(config: PublishConfig, out_dir: Path, splits: list[str], dige
     return out
 
 
+def _hub_token() -> str:
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise PublishError("push to the Hub requested but $HF_TOKEN is not set; export a token with "
+                           "write access (it is read from the environment only), or set publish.push: false")
+    return token
+
+
 def push_to_hub(config: PublishConfig, out_dir: str | os.PathLike) -> str:
     """Upload ``out_dir`` to the Hub dataset repo ``config.repo_id``; returns the commit URL.
 
     The token comes from ``$HF_TOKEN`` only and is handed straight to huggingface_hub; it is never
     logged, written to a file or put into provenance.
     """
-    token = os.environ.get("HF_TOKEN")
-    if not token:
-        raise PublishError("push to the Hub requested but $HF_TOKEN is not set; export a token with "
-                           "write access (it is read from the environment only), or set publish.push: false")
+    token = _hub_token()
     if not config.repo_id:
         raise PublishError("push to the Hub requested but publish.repo_id is not set")
     from huggingface_hub import HfApi

@@ -153,6 +153,7 @@ def test_push_refuses_without_token(tmp_path, monkeypatch):
     config = _config(tmp_path, push=True, repo_id="org/demo")
     with pytest.raises(PublishError, match="HF_TOKEN is not set"):
         publish(config, make_records(2), progress=False)
+    assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
 def test_push_uses_env_token_and_never_writes_it(tmp_path, monkeypatch, caplog):
