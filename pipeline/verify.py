@@ -46,6 +46,7 @@ _MAX_MATH_CHARS = 1000
 _LETTER_ONLY_RE = re.compile(r"^\(?\[?([A-Za-z])\]?\)?$")
 _LETTER_DELIM_RE = re.compile(r"^(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])\s*[.:)\]])\s*(.*)$", re.DOTALL)
 _LETTER_SPACE_RE = re.compile(r"^([A-Z])\s+(.+)$", re.DOTALL)
+_ANSWER_IS_RE = re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*[(\[]?([A-Z])[)\]]?(?![\w(])", re.IGNORECASE)
 
 
 @dataclass
@@ -169,9 +170,12 @@ def choice_index(answer: str, choices: list[str] | None) -> tuple[int | None, st
         if idx is not None:
             return idx, "choice_letter"
     m = _LETTER_SPACE_RE.match(s)
-    if m and by_letter(m.group(1)) is not None and (
-            not choices or _norm_text(m.group(2)) == _norm_text(choices[by_letter(m.group(1))])):
+    if m and choices and by_letter(m.group(1)) is not None and \
+            _norm_text(m.group(2)) == _norm_text(choices[by_letter(m.group(1))]):
         return by_letter(m.group(1)), "choice_letter"
+    named = [x.group(1) for x in _ANSWER_IS_RE.finditer(s) if x.group(1).isupper()]
+    if named and by_letter(named[-1]) is not None:  # "... so the answer is (C)."
+        return by_letter(named[-1]), "choice_letter"
     if choices:
         pred = _math(s, numeric=True)
         if pred:

@@ -112,3 +112,10 @@ def test_power_towers_and_huge_answers_cannot_hang_a_worker_thread():
     assert not worker.is_alive()
     tower, huge, fine = out
     assert tower.method == huge.method == "unparsable" and fine.correct
+
+
+def test_choice_letters_inside_prose_and_no_false_letters():
+    assert answers_match("I think the answer is B.", "B", "choice", CHOICES)
+    assert compare("So the correct option is (C)", "B", "choice", CHOICES).parsed
+    assert compare("I think it's B", "B", "choice", None).method == "unparsable"  # not letter "I"
+    assert compare("The answer is A or B", "B", "choice", CHOICES).method == "unparsable"
