@@ -113,7 +113,8 @@ def render_reasoning(response: str, anchors: list[dict] | None) -> tuple[str, st
         cursor = end
     parts.append(md_escape(body[cursor:]))
     lines = "".join(parts).strip().splitlines() or [""]
-    quote = "\n".join("> " + line if line.strip() else ">" for line in lines)
+    # trailing double space: a hard line break, so the reasoning keeps its lines on the Hub
+    quote = "\n".join("> " + line.rstrip() + "  " if line.strip() else ">" for line in lines)
     return quote, None if answer is None else md_escape(answer)
 
 
@@ -196,11 +197,13 @@ class CardStats:
     def _gallery_item(self, record: dict) -> dict:
         vas = record.get("vas") or {}
         reasoning, response_answer = render_reasoning(record.get("response") or "", record.get("anchors"))
+        question, choices = str(record.get("question", "")).strip(), record.get("choices") or []
+        listed = all(str(c).strip() and str(c).strip() in question for c in choices)
         thumbs = [thumbnail_png(im["bytes"], self.thumbnail_px) for im in record["images"][: self.max_gallery_images]]
         return {"id": record["id"], "source": record.get("source", "?"),
                 "programmatic": bool(record.get("programmatic")),
-                "question": md_escape(record.get("question", "")),
-                "choices": [md_escape(c) for c in record.get("choices") or []],
+                "question": md_escape(question).replace("\n", "  \n"),
+                "choices": [] if listed else [md_escape(str(c)) for c in choices],
                 "answer": md_escape(record.get("gold_answer", "")),
                 "reasoning": reasoning, "response_answer": response_answer,
                 "n_anchors": int(record.get("n_anchors") or 0),

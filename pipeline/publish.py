@@ -126,8 +126,15 @@ def _question_template() -> jinja2.Template:
     return env.get_template(QUESTION_TEMPLATE)
 
 
+def choices_listed(question: str, choices: list[str] | None) -> bool:
+    """True when the question text already shows every choice (seed sources often embed them)."""
+    return bool(choices) and all(str(c).strip() and str(c).strip() in question for c in choices)
+
+
 def question_text(question: str, choices: list[str] | None, format_hint: bool) -> str:
-    return _question_template().render(question=question.strip(), choices=choices or [],
+    """The user-turn text (prompts/trainer_question.j2); choices are added unless already listed."""
+    shown = [] if choices_listed(question, choices) else (choices or [])
+    return _question_template().render(question=question.strip(), choices=shown,
                                        format_hint=format_hint).strip()
 
 

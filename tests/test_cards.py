@@ -91,7 +91,7 @@ def test_funnel_numbers_match_the_filter(carded):
     upstream = {row[0]: row for row in _table(text, "store stage |")}
     assert upstream["seeds"][1:] == ["0", "1", "image_corrupt: 1"]
     assert upstream["vas"][1:3] == ["20", "0"]
-    assert f"top 50.0% by raw VAS over 18 candidates: raw VAS >= {funnel.vas['resolved_threshold']:.3g}" in text
+    assert f"top 50.0% by raw VAS over 18 candidates: raw VAS >= {funnel.vas['resolved_threshold']:.4g}" in text
 
 
 def test_pipeline_section_usage_cost_and_programmatic_label(carded):
@@ -131,10 +131,10 @@ def test_render_reasoning_bolds_anchor_spans_and_escapes_markup():
     start = response.index("Look back")
     end = response.index("2.") + 2
     quote, answer = render_reasoning(response, [{"start": start, "end": end}, {"start": 0, "end": 9999}])
-    assert quote == "> First \\*note\\* &lt;b&gt;. **Look back at the image: x = 2.**\n> Done."
+    assert quote == "> First \\*note\\* &lt;b&gt;. **Look back at the image: x = 2.**  \n> Done.  "
     assert answer == "2"
     quote, answer = render_reasoning("plain text", [])
-    assert quote == "> plain text" and answer is None
+    assert quote == "> plain text  " and answer is None
     assert md_escape("a_b|c") == "a\\_b\\|c"
 
 

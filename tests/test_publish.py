@@ -210,3 +210,14 @@ def test_trainer_views_accept_the_published_folder(published):
     rl = rl_dataset(table)
     by_id = {r["id"]: r for r in records}
     assert all(row["answer"] == by_id[row["id"]]["gold_answer"] for row in rl)
+
+
+def test_choices_are_appended_once():
+    from pipeline.publish import question_text
+
+    embedded = "Which is largest?\nChoices:\nA. Oslo\nB. Lima"
+    assert question_text(embedded, ["Oslo", "Lima"], format_hint=False) == embedded
+    plain = question_text("Which is largest?", ["Oslo", "Lima"], format_hint=False)
+    assert plain.count("Oslo") == 1 and "(B) Lima" in plain
+    hinted = question_text("Which is largest?", None, format_hint=True)
+    assert hinted.startswith("Which is largest?") and "<answer>" in hinted
