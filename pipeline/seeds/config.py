@@ -32,7 +32,7 @@ class SeedsConfig:
         "help": "Procedural: highest difficulty level (1-5); levels add elements, distractors "
                 "and harder arithmetic."})
     image_size: int = field(default=448, metadata={
-        "help": "Procedural: square canvas side in pixels (256-1024)."})
+        "help": "Procedural: square canvas side in pixels (320-1024)."})
     choice_fraction: float = field(default=0.3, metadata={
         "help": "Procedural: share of numeric problems turned into multiple choice "
                 "(gold answer a letter)."})
@@ -75,8 +75,8 @@ class SeedsConfig:
         if not 1 <= self.difficulty_min <= self.difficulty_max <= 5:
             raise ValueError(f"seeds.difficulty_min/difficulty_max: need 1 <= min <= max <= 5, got "
                              f"{self.difficulty_min}..{self.difficulty_max}")
-        if not 256 <= self.image_size <= 1024:
-            raise ValueError(f"seeds.image_size: must be within 256-1024, got {self.image_size}")
+        if not 320 <= self.image_size <= 1024:  # below 320 px labels become illegible
+            raise ValueError(f"seeds.image_size: must be within 320-1024, got {self.image_size}")
         if not 0.0 <= self.choice_fraction <= 1.0:
             raise ValueError(f"seeds.choice_fraction: must be within 0-1, got {self.choice_fraction}")
         unknown = [f for f in self.families if f not in FAMILIES]

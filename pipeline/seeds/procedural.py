@@ -67,8 +67,12 @@ class Canvas:
         return max(1, round(value * self.unit))
 
     def text(self, xy: tuple[float, float], text: str, size: float = 15, fill=INK,
-             anchor: str = "mm") -> list[float]:
-        mask, (x0, y0, x1, y1) = glyph_mask(text, self.px(size), anchor)
+             anchor: str = "mm", max_width: float | None = None) -> list[float]:
+        """Draw ``text`` (shrunk to fit ``max_width`` pixels when given); returns its bbox."""
+        px = self.px(size)
+        mask, (x0, y0, x1, y1) = glyph_mask(text, px, anchor)
+        if max_width and x1 - x0 > max_width and px > 6:
+            mask, (x0, y0, x1, y1) = glyph_mask(text, max(6, int(px * max_width / (x1 - x0))), anchor)
         ink = self.image.palette.getcolor(fill, self.image)
         left, top = round(xy[0]) + x0, round(xy[1]) + y0
         self.image.paste(ink, (left, top), mask)
@@ -83,10 +87,15 @@ def glyph_mask(text: str, px: int, anchor: str) -> tuple[Image.Image, tuple[int,
     a tenth of laying the text out again with ``ImageDraw.text``.
     """
     f = font(px)
-    x0, y0, x1, y1 = f.getbbox(text, anchor=anchor)
-    mask = Image.new("1", (max(1, x1 - x0), max(1, y1 - y0)), 0)
-    ImageDraw.Draw(mask).text((-x0, -y0), text, font=f, fill=1, anchor=anchor)
-    return mask, (x0, y0, x1, y1)
+    # 1-bit rendering is hinted differently (wider at small sizes) than the anti-aliased default
+    # metrics, so measure in mode "1", draw with a margin and keep the box of the ink drawn.
+    x0, y0, x1, y1 = f.getbbox(text, mode="1", anchor=anchor)
+    pad = 2
+    canvas = Image.new("1", (x1 - x0 + 2 * pad, y1 - y0 + 2 * pad), 0)
+    ImageDraw.Draw(canvas).text((pad - x0, pad - y0), text, font=f, fill=1, anchor=anchor)
+    ink = canvas.getbbox() or (0, 0, 1, 1)
+    left, top = ink[0] - pad + x0, ink[1] - pad + y0
+    return canvas.crop(ink), (left, top, left + ink[2] - ink[0], top + ink[3] - ink[1])
 
 
 def clamp_box(box, size: int) -> list[float]:
@@ -176,6 +185,8 @@ def generate_problem(family: str, seed: int, difficulty: int = 3, image_size: in
         raise ValueError(f"family: unknown {family!r}; choose from {list(FAMILIES)}")
     if not 1 <= difficulty <= 5:
         raise ValueError(f"difficulty: must be 1-5, got {difficulty}")
+    if not 320 <= image_size <= 1024:
+        raise ValueError(f"image_size: must be within 320-1024, got {image_size}")
     rng = random.Random(f"avar-seeds/{family}/{seed}/{difficulty}/{image_size}")
     draft = family_generator(family)(rng, difficulty, image_size)
     return finalize(family, draft, rng, difficulty, choice_fraction)

@@ -74,7 +74,7 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
     group = (right - left) / n
     xbox = [left, bottom, right, bottom]
     for i, cat in enumerate(cats):
-        xbox = union(xbox, cv.text((left + group * (i + 0.5), bottom + cv.px(14)), cat, size=13))
+        xbox = union(xbox, cv.text((left + group * (i + 0.5), bottom + cv.px(14)), cat, size=13, max_width=group - 2))
     elements.append(element("x_axis", "x axis", "axis", xbox, categories=cats))
     if n_series == 2:
         x = right - cv.px(170)

@@ -59,7 +59,8 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
     cv.draw.rectangle([left, top, right, top + row_h], fill=(228, 234, 244))
     for j, col in enumerate(cols):
         x = left + head_w + cell_w * j
-        box = union([x, top, x + cell_w, top + row_h], cv.text((x + cell_w / 2, top + row_h / 2), col, size=14))
+        box = union([x, top, x + cell_w, top + row_h],
+                    cv.text((x + cell_w / 2, top + row_h / 2), col, size=14, max_width=cell_w - 4))
         elements.append(element(f"col_{j}", f"column {col}", "column_header", box, column=col))
     ids = {}
     for i, name in enumerate(rows):
@@ -70,7 +71,7 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
         elements.append(element(f"row_{i}", f"row {name}", "row_header", box, row=name))
         for j, col in enumerate(cols):
             x = left + head_w + cell_w * j
-            cv.text((x + cell_w / 2, y + row_h / 2), str(values[i][j]), size=14)
+            cv.text((x + cell_w / 2, y + row_h / 2), str(values[i][j]), size=14, max_width=cell_w - 4)
             ids[(i, j)] = f"cell_{i}_{j}"
             elements.append(element(f"cell_{i}_{j}", f"row {name}, column {col}", "cell",
                                     [x, y, x + cell_w, y + row_h], row=name, column=col, value=values[i][j]))
