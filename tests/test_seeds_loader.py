@@ -189,3 +189,28 @@ def test_bad_paths_and_hub_config_fail_early(tmp_path):
         list(iter_seeds(SeedsConfig(kind="local", path=str(tmp_path / "x.txt"))))
     with pytest.raises(ValueError, match="repo_id"):
         SeedsConfig(kind="hub")
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_hub_path_reads_undecoded_images(monkeypatch, streaming):
+    """The Hub code path, with ``datasets.load_dataset`` replaced (tests never reach the Hub)."""
+    import datasets
+
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "problem": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    rows = {"images": [[{"bytes": png(), "path": None}], [{"bytes": b"", "path": None}]],
+            "problem": ["<image>Find x.", "<image>Find y."], "answer": ["3", "4"]}
+    calls = []
+
+    def fake_load_dataset(repo_id, name=None, split=None, streaming=False):
+        calls.append((repo_id, name, split, streaming))
+        table = datasets.Dataset.from_dict(rows, features=features)
+        return table.to_iterable_dataset() if streaming else table
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    config = SeedsConfig(kind="hub", repo_id="someone/geo", config_name="main", split="test", n=None,
+                         streaming=streaming)
+    seeds, rejects = split(iter_seeds(config))
+    assert calls == [("someone/geo", "main", "test", streaming)]
+    assert [(s["question"], s["source"]) for s in seeds] == [("Find x.", "someone/geo")]
+    assert [(r.id, r.reason) for r in rejects] == [("someone/geo:row1", "image_empty")]
