@@ -235,25 +235,32 @@ def _neg_to_rank(neg: int) -> str:
     return f"{-neg:064x}"
 
 
-def vas_histogram(stats: CardStats, path: Path, metric: str | None, threshold: float | None) -> bytes:
-    """PNG of the raw and normalized VAS distributions of the published samples."""
+def vas_histogram(stats: CardStats, vas_info: dict) -> bytes:
+    """PNG of the raw and normalized response VAS: filter candidates (grey) and published (blue)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    metric, threshold = vas_info.get("metric"), vas_info.get("resolved_threshold")
     fig = Figure(figsize=(8, 3.2), dpi=100)
     for ax, name, values in zip(fig.subplots(1, 2), ("raw", "normalized"),
                                 (stats.vas_raw, stats.vas_normalized), strict=True):
+        candidates = (vas_info.get("histograms") or {}).get(name)
+        bins = candidates["edges"] if candidates else min(30, max(5, len(values) // 3))
+        if candidates:
+            ax.stairs(candidates["counts"], candidates["edges"], fill=True, color="#d0d0d0",
+                      label="filter candidates")
         if values:
-            ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="#4c72b0", edgecolor="white")
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        else:
+            ax.hist(values, bins=bins, color="#4c72b0", edgecolor="white", label="published")
+        if not values and not candidates:
             ax.text(0.5, 0.5, "no VAS values", ha="center", va="center", transform=ax.transAxes)
         if threshold is not None and name == metric:
-            ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"filter cut {threshold:.3g}")
-            ax.legend(loc="upper right", fontsize=8)
+            ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"filter cut {threshold:.4g}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=7)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"response VAS ({name})", fontsize=10)
         ax.set_xlabel("VAS" if name == "raw" else "VAS / (|I| / |S|)")
         ax.set_ylabel("samples")
@@ -340,7 +347,7 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
     card_dir = Path(card_dir)
     card_dir.mkdir(parents=True, exist_ok=True)
     vas_info = (funnel or {}).get("vas") or {}
-    histogram = vas_histogram(stats, card_dir / HISTOGRAM_FILE, vas_info.get("metric"), vas_info.get("resolved_threshold"))
+    histogram = vas_histogram(stats, vas_info)
     write_if_changed(card_dir / HISTOGRAM_FILE, histogram)
     gallery = stats.gallery()
     wanted = set()

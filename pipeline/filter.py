@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.dedup import DedupConfig, Deduplicator
@@ -193,6 +194,13 @@ def tally_usage(usage: dict[str, dict], record: dict) -> None:
             row["billed_completion_tokens"] += completion
 
 
+def histogram(values: list[float], max_bins: int = 30) -> dict:
+    """Counts of ``values`` over equal-width bins (JSON-able; the card draws the candidates from it)."""
+    bins = min(max_bins, max(5, len(values) // 3))
+    counts, edges = np.histogram(np.asarray(values, dtype=float), bins=bins)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
 def duplicate_key(record: dict) -> str:
     """Exact-duplicate key: the images' sha256 and the case/whitespace-normalized question."""
     shas = sorted(str(im.get("sha256", "")) for im in record.get("images") or [])
@@ -245,11 +253,17 @@ class FilterStage:
         self.rejects: dict[str, int] = {}
         self.vas_info: dict = {"criterion": "none", "threshold": vas_threshold}
         self.usage: dict[str, dict] = {}
+        self.candidate_vas: dict[str, list[float]] = {"raw": [], "normalized": []}
 
     def check(self, record: dict) -> Reject | None:
         """Run all checks on one record; None means kept. Counts into the funnel."""
         tally_usage(self.usage, record)
         found = stateless_failure(record, self.config)
+        if found is None:
+            for metric, values in self.candidate_vas.items():
+                value = vas_value(record, metric)
+                if value is not None:
+                    values.append(value)
         if found is None and self.vas_threshold is not None:
             metric = self.config.vas_metric
             value = vas_value(record, metric)
@@ -277,7 +291,8 @@ class FilterStage:
         return [self.check(rec) or rec for rec in batch]
 
     def funnel(self) -> Funnel:
-        return Funnel(steps=dict(self.steps), rejects=dict(sorted(self.rejects.items())), vas=dict(self.vas_info),
+        vas = dict(self.vas_info, histograms={m: histogram(v) for m, v in self.candidate_vas.items() if v})
+        return Funnel(steps=dict(self.steps), rejects=dict(sorted(self.rejects.items())), vas=vas,
                       usage={k: dict(v) for k, v in sorted(self.usage.items())})
 
 

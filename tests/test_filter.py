@@ -77,6 +77,10 @@ def test_vas_quantile_keeps_top_fraction_over_candidates():
     assert stage.vas_info["resolved_threshold"] == 5.0
     assert stage.vas_info["n_candidates"] == 8
     assert sorted(r.reason for r in rejects) == ["answer_wrong"] * 2 + ["vas_below_threshold"] * 4
+    histograms = stage.funnel().vas["histograms"]
+    assert sum(histograms["raw"]["counts"]) == 8 and len(histograms["raw"]["edges"]) == 6
+    assert histograms["raw"]["edges"][0] == 1.0 and histograms["raw"]["edges"][-1] == 8.0
+    assert sum(histograms["normalized"]["counts"]) == 8
 
 
 def test_normalized_metric_and_no_criterion():
