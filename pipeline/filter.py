@@ -246,6 +246,9 @@ class FilterStage:
                  gate: DuplicateGate | None = None):
         self.config = config
         self.vas_threshold = vas_threshold
+        # With a VAS criterion every kept sample needs a VAS, even when the quantile found no
+        # candidate to resolve a cut from.
+        self.vas_required = vas_threshold is not None or config.vas_criterion() != "none"
         if gate is None and config.dedup:
             gate = DuplicateGate(config)
         self.gate = gate
@@ -264,12 +267,12 @@ class FilterStage:
                 value = vas_value(record, metric)
                 if value is not None:
                     values.append(value)
-        if found is None and self.vas_threshold is not None:
+        if found is None and self.vas_required:
             metric = self.config.vas_metric
             value = vas_value(record, metric)
             if value is None:
                 found = "vas", "schema_invalid", f"vas.{metric} missing or not finite", f"$.vas.{metric}"
-            elif value < self.vas_threshold:
+            elif self.vas_threshold is not None and value < self.vas_threshold:
                 found = "vas", "vas_below_threshold", f"vas.{metric} {value:.4g} < {self.vas_threshold:.4g}", f"$.vas.{metric}"
         if found is None:
             duplicate = self.gate.screen(record) if self.gate is not None else None

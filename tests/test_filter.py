@@ -193,3 +193,12 @@ def test_non_finite_vas_is_rejected_not_passed():
     assert len(kept) == 1 and rejects[0].reason == "schema_invalid" and rejects[0].field == "$.vas.raw"
     kept, _, stage = _run(FilterConfig(vas_metric="raw", vas_quantile=1.0), [rec, make_record(1)])
     assert stage.vas_info["n_candidates"] == 1 and len(kept) == 1
+
+
+def test_quantile_without_any_vas_rejects_instead_of_keeping():
+    records = make_records(3)
+    for rec in records:
+        del rec["vas"]
+    kept, rejects, stage = _run(FilterConfig(vas_quantile=0.5), records)
+    assert not kept and {r.reason for r in rejects} == {"schema_invalid"}
+    assert stage.vas_info["resolved_threshold"] is None and stage.vas_info["n_candidates"] == 0
