@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 
-from pipeline.seeds.solutions.common import Solution, Step, Voice
+from pipeline.seeds.procedural import fmt_number
+from pipeline.seeds.solutions.common import CLOSERS, OPENERS, Solution, Step, Voice
 
 FAMILIES = ("geometry", "charts", "counting", "tables")
 
@@ -30,7 +31,12 @@ def describe(scene: dict) -> str:
 
 def solve(scene: dict, seed: str) -> Solution:
     """The worked solution; wording varies with ``seed`` (e.g. the sample id), logic does not."""
-    return _module(scene["family"]).solve(scene, Voice(seed, scene["family"]))
+    voice = Voice(seed, scene["family"])
+    voice.say(voice.pick(OPENERS))
+    solution = _module(scene["family"]).solve(scene, voice)
+    shown = solution.value if isinstance(solution.value, str) else fmt_number(solution.value)
+    voice.say(voice.pick(CLOSERS).replace("{v}", shown))
+    return Solution(solution.value, voice.steps)
 
 
 __all__ = ["FAMILIES", "Solution", "Step", "Voice", "describe", "solve"]

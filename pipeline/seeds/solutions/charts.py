@@ -59,12 +59,16 @@ def solve(scene: dict, voice: Voice) -> Solution:
         return Solution(value, voice.steps)
     d = els[scene["distractors"][0]]
     meant = els[scene.get("distractor_for") or targets[0]["id"]]
-    voice.say(f"My first reading is the {d['label']}: {d['attrs']['value']}.")
+    voice.say((f"My first reading is the {d['label']}: {d['attrs']['value']}.",
+               f"Reading quickly, I get {d['attrs']['value']} from the {d['label']}.",
+               f"At first I take {d['attrs']['value']}, from the {d['label']}."))
     voice.reflect(f"That {kind} belongs to {_why(d, meant)}. The value I need is on the {meant['label']}.",
                   f"the {d['label']} belongs to {_why(d, meant)}; the value I need is on the "
                   f"{meant['label']}.")
     for t in targets:
-        voice.look(f"the {t['label']} is labelled {t['attrs']['value']}")
+        voice.look((f"the {t['label']} is labelled {t['attrs']['value']}",
+                    f"the {t['label']} shows {t['attrs']['value']}",
+                    f"the value printed at the {t['label']} is {t['attrs']['value']}"))
     if op == "read":
         value = values[0]
         voice.say(f"So the {metric} for {cats[0]}{sp} is {value}.")

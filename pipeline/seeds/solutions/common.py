@@ -44,13 +44,16 @@ class Voice:
         self.steps: list[Step] = []
 
     def pick(self, options) -> str:
-        return self.rng.choice(options).format(view=self.view)
+        return self.rng.choice(options).replace("{view}", self.view)
 
-    def say(self, text: str) -> None:
+    def say(self, text: str | tuple[str, ...]) -> None:
+        """A step that does not depend on the image (a tuple: one wording picked at random)."""
+        text = self.rng.choice(text) if isinstance(text, tuple) else text
         self.steps.append(Step(text, text))
 
-    def look(self, fact: str, tail: str = "") -> None:
+    def look(self, fact: str | tuple[str, ...], tail: str = "") -> None:
         """An image-dependent step; ``fact`` names the scene element by its label."""
+        fact = self.rng.choice(fact) if isinstance(fact, tuple) else fact
         tail = f" {tail}" if tail else ""
         self.steps.append(Step(f"{fact[0].upper()}{fact[1:]}.{tail}", f"{self.pick(LOOK_PREFIXES)} {fact}.{tail}"))
 

@@ -31,9 +31,11 @@ def solve(scene: dict, voice: Voice) -> Solution:
     counts = []
     for i, q in enumerate(queries):
         hits = [e for e in shapes if _matches(e["attrs"], q)]
-        voice.say(f"Going row by row for the {_what(q)}:")
+        voice.say((f"Going row by row for the {_what(q)}:", f"Scanning the rows from top to bottom for the {_what(q)}:",
+                   f"Now I go through the picture row by row, looking for {_what(q)}:"))
         for e in hits:
-            voice.look(f"the {e['label']} counts")
+            voice.look((f"the {e['label']} counts", f"the {e['label']} is one of them",
+                        f"the {e['label']} matches"))
         k = len(hits)
         decoys = [els[d] for d in scene["distractors"] if not _matches(els[d]["attrs"], q)]
         decoys.sort(key=lambda e: e["attrs"]["distractor"] != "similar_color")
@@ -52,7 +54,8 @@ def solve(scene: dict, voice: Voice) -> Solution:
         elif i == 0:
             voice.reflect(f"Recounting column by column also gives {k}.",
                           f"counting the {_what(q)} again column by column gives {k}.")
-        voice.say(f"So there are {k} {_what(q)}.")
+        voice.say((f"So there are {k} {_what(q)}.", f"That leaves {k} {_what(q)} in total.",
+                   f"The count of {_what(q)} is {k}."))
         counts.append(k)
     if len(counts) == 2:
         value = counts[0] - counts[1]

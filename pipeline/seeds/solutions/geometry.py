@@ -18,16 +18,22 @@ def solve(scene: dict, voice: Voice) -> Solution:
     if task == "triangle_angle":
         target = els[scene["target"]["elements"][0]]
         tv = target["attrs"]["vertex"]
-        voice.say(f"The question asks for angle {tv} of triangle {scene['triangle']}. The interior angles of a "
-                  f"triangle add up to 180°, so I need the other two interior angles.")
+        voice.say(((f"The question asks for angle {tv} of triangle {scene['triangle']}. The interior angles of a "
+                   f"triangle add up to 180°, so I need the other two interior angles."),
+                   (f"Angle {tv} is unknown. Since the three interior angles of triangle {scene['triangle']} sum "
+                   f"to 180°, the other two interior angles will give it."),
+                   (f"I want angle {tv}. The angle sum of a triangle is 180°, so I first collect the other two "
+                   f"interior angles of triangle {scene['triangle']}.")))
         interior = {}
         for eid in scene["given"]:
             a = els[eid]["attrs"]
             if a.get("exterior"):
                 v, e = a["vertex"], a["value"]
                 other = sum(interior.values())
+                slip = 180 - other - e
                 voice.say(f"At {v} there is a mark of {e}°. If that were angle {v}, then angle {tv} would be "
-                          f"180° − {num(other)}° − {e}° = {num(180 - other - e)}°.")
+                          f"180° − {num(other)}° − {e}° = {num(slip)}°"
+                          + (", which no triangle can have." if slip <= 0 else "."))
                 voice.reflect(f"The {e}° arc at {v} lies outside the triangle, between side {v}{tv} and the "
                               f"extension of side A{v} beyond {v}. That is the exterior angle at {v}, not angle {v}.",
                               f"the exterior angle at {v} is drawn outside the triangle, between side {v}{tv} and "
@@ -45,7 +51,10 @@ def solve(scene: dict, voice: Voice) -> Solution:
                            "That is a length; the angle sum does not need it.")
         known = list(interior.values())
         value = 180 - sum(known)
-        voice.say(f"So angle {tv} = 180° − {' − '.join(num(k) + '°' for k in known)} = {num(value)}°.")
+        chain = " − ".join(num(k) + "°" for k in known)
+        voice.say((f"So angle {tv} = 180° − {chain} = {num(value)}°.",
+                   f"Then angle {tv} = 180° − {chain} = {num(value)}°.",
+                   f"Subtracting from 180°: angle {tv} = 180° − {chain} = {num(value)}°."))
         voice.reflect(f"Angle {tv} is the angle marked '?' at vertex {tv}; {' + '.join(num(k) for k in known)} + "
                       f"{num(value)} = 180, and the angle is drawn {'acute' if value < 90 else 'obtuse' if value > 90 else 'right'}, which fits.",
                       f"angle {tv} is the angle marked '?' at vertex {tv}, drawn {'acute' if value < 90 else 'obtuse' if value > 90 else 'right'}, "
@@ -56,7 +65,10 @@ def solve(scene: dict, voice: Voice) -> Solution:
         target = els[scene["target"]["elements"][0]]["attrs"]
         x, g, t = given["value"], given["number"], target["number"]
         line_of = {"P": "m", "Q": "n"}
-        voice.say(f"Lines m and n are parallel and transversal t crosses them at P and Q. I need angle {t}.")
+        voice.say((f"Lines m and n are parallel and transversal t crosses them at P and Q. I need angle {t}.",
+                   (f"I need angle {t}. The key fact is that m and n are parallel, both cut by transversal t "
+                   f"(at P and Q)."),
+                   f"Transversal t cuts the parallel lines m and n at P and Q; the unknown is angle {t}."))
         voice.look(f"angle {g} is marked {x}°, {_pos_phrase(given['position'], line_of[given['intersection']])}")
         voice.look(f"angle {t} sits at {target['intersection']}, {_pos_phrase(target['position'], line_of[target['intersection']])}")
         if "ang_R" in els:
@@ -99,8 +111,12 @@ def solve(scene: dict, voice: Voice) -> Solution:
     target = "".join(els[scene["target"]["elements"][0]]["attrs"]["endpoints"])
     hyp = next(name for name, a in sides.items() if a["hypotenuse"])
     known = {n: a["length"] for n, a in sides.items() if a["length"] is not None}
-    voice.say(f"I need the length of side {target} in right triangle ABC, so the Pythagorean theorem applies "
-              f"once I know which side is the hypotenuse.")
+    voice.say(((f"I need the length of side {target} in right triangle ABC, so the Pythagorean theorem applies "
+               f"once I know which side is the hypotenuse."),
+               (f"Side {target} is unknown. In a right triangle the Pythagorean theorem links the three sides, "
+               f"but I must be sure which one is the hypotenuse."),
+               (f"To find side {target} I will use a² + b² = c², where c is the hypotenuse; first I identify "
+               f"the sides.")))
     for name, length in known.items():
         voice.look(f"side {name} is labelled {num(length)}")
     if "side_CD" in els:

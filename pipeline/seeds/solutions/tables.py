@@ -34,13 +34,16 @@ def solve(scene: dict, voice: Voice) -> Solution:
     want = meant["attrs"]
     alike = d["attrs"]["row"] != want["row"] and (
         d["attrs"]["row"].startswith(want["row"]) or want["row"].startswith(d["attrs"]["row"]))
-    voice.say(f"For {want['row']} in column {want['column']}, my first reading gives {d['attrs']['value']}.")
+    voice.say((f"For {want['row']} in column {want['column']}, my first reading gives {d['attrs']['value']}.",
+               f"Reading across for {want['row']} under {want['column']}, I first get {d['attrs']['value']}.",
+               f"My first pass for {want['row']} and {want['column']} lands on {d['attrs']['value']}."))
     voice.reflect(f"That number sits in row {d['attrs']['row']}, column {d['attrs']['column']}, not in row "
                   f"{want['row']}, column {want['column']}" + (f"; the names {d['attrs']['row']} and "
                                                                f"{want['row']} look alike." if alike else "."),
                   f"{d['label']} holds {d['attrs']['value']}, but I need {meant['label']}.")
     for t in targets:
-        voice.look(f"{t['label']} holds {t['attrs']['value']}")
+        voice.look((f"{t['label']} holds {t['attrs']['value']}", f"{t['label']} reads {t['attrs']['value']}",
+                    f"{t['label']} shows {t['attrs']['value']}"))
     values = [t["attrs"]["value"] for t in targets]
     if op == "lookup":
         value = values[0]
