@@ -150,6 +150,10 @@ def test_grpo_runs_and_updates_the_policy(grpo_run):
     assert any(not torch.equal(initial[k], final[k]) for k in initial)  # some advantage was non-zero
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def test_logged_reward_parts_equal_independent_recomputation(grpo_run, eager):
     trainer, recorders, _ = grpo_run
     model, processor = eager
@@ -165,7 +169,6 @@ def test_logged_reward_parts_equal_independent_recomputation(grpo_run, eager):
                    for p, im, ids in zip(vis["prompts"], vis["images"], vis["completion_ids"])]
         r_visual = [u if ok else 0.0 for u, ok in zip(ungated, correct)]
         assert vis["out"] == pytest.approx(r_visual, rel=1e-4)
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         assert logs[step]["rewards/r_acc/mean"] == pytest.approx(mean([float(c) for c in correct]), abs=1e-6)
         assert logs[step]["rewards/r_visual/mean"] == pytest.approx(mean(r_visual), rel=1e-4, abs=1e-7)
         assert logs[step]["rewards/r_format/mean"] == pytest.approx(mean(r_format), abs=1e-6)

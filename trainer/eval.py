@@ -134,7 +134,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     row = (f"| {report['model']} | {report['data']}:{report['split']} | {report['n']} | "
            f"{cell(report.get('accuracy'), 100)} | {cell(report.get('format_rate'), 100)} | "
            f"{cell(vas.get('raw'))} | {cell(vas.get('normalized'))} |")
-    return "\n".join([head, "|---|---|---|---|---|---|---|", row])
+    return f"{head}\n|---|---|---|---|---|---|---|\n{row}"
 
 
 def default_output(config: EvalConfig) -> Path:

@@ -25,7 +25,7 @@ from pipeline.attention import AttentionLens
 from pipeline.objectives import agto_applies, agto_terms, vas_ratio
 from pipeline.spans import SpecialTokens, compute_spans
 from trainer.configs import AGTOConfig, parse_config
-from trainer.data import sft_dataset, strip_nulls
+from trainer.data import load_table, sft_dataset, strip_nulls
 from trainer.models import load_for_training
 
 logger = logging.getLogger("trainer.sft")
@@ -90,8 +90,6 @@ class AGTOTrainer(SFTTrainer):
 
 def build_trainer(config: AGTOConfig, callbacks: list | None = None) -> AGTOTrainer:
     """Model, processor, data and trainer from a validated config (no training yet)."""
-    from trainer.data import load_table
-
     model, processor, peft_config = load_for_training(config)
     table = load_table(config.dataset, split=config.dataset_split, config=config.dataset_config,
                        max_samples=config.max_train_samples)
