@@ -44,7 +44,9 @@ def main() -> None:
     args = parser.parse_args()
 
     config = SeedsConfig(n=args.n, seed=args.seed, image_size=args.size)
-    per_family: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0])  # n, wall, cpu, bytes
+    per_family: dict[str, list[float]] = defaultdict(
+        lambda: [0, 0.0, 0.0, 0]
+    )  # n, wall, cpu, bytes
     records = []
     stream = iter(iter_seeds(config))
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -60,7 +62,10 @@ def main() -> None:
     gen_wall, gen_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
 
     def teach():
-        return sum(1 for r in records for stage in ("describe", "reason", "anchor") if write(stage, r))
+        return sum(
+            1 for r in records for stage in ("describe", "reason", "anchor") if write(stage, r)
+        )
+
     n_texts, teach_wall, teach_cpu = timed(teach)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,8 +73,9 @@ def main() -> None:
 
         def write_all():
             for i in range(0, len(records), args.shard):
-                store.write(records[i:i + args.shard])
+                store.write(records[i : i + args.shard])
             return len(store.shards())
+
         n_shards, write_wall, write_cpu = timed(write_all)
         n_read, read_wall, read_cpu = timed(lambda: sum(1 for _ in store.iter_records()))
         disk = sum(p.stat().st_size for p in Path(tmp).rglob("*.parquet"))
@@ -80,17 +86,29 @@ def main() -> None:
     print("| what | items | wall s | items/s (wall) | CPU s | items/s (CPU) | notes |")
     print("|---|---|---|---|---|---|---|")
     for family, (n, wall, cpu, size) in sorted(per_family.items()):
-        print(f"| generate {family} | {n} | {wall:.2f} | {n / wall:,.0f} | {cpu:.2f} | {n / cpu:,.0f} | "
-              f"mean PNG {size / n / 1024:.1f} KiB |")
-    print(f"| generate all | {args.n} | {gen_wall:.2f} | {args.n / gen_wall:,.0f} | {gen_cpu:.2f} | "
-          f"{args.n / gen_cpu:,.0f} | one core |")
-    print(f"| programmatic teacher (3 stages) | {n_texts} texts | {teach_wall:.2f} | {n_texts / teach_wall:,.0f} | "
-          f"{teach_cpu:.2f} | {n_texts / teach_cpu:,.0f} | describe + reason + anchor |")
-    print(f"| work store write | {args.n} rows | {write_wall:.2f} | {args.n / write_wall:,.0f} | {write_cpu:.2f} | "
-          f"{args.n / write_cpu:,.0f} | {n_shards} shards, {disk / 2**20:.1f} MiB zstd parquet |")
-    print(f"| work store read | {n_read} rows | {read_wall:.2f} | {n_read / read_wall:,.0f} | {read_cpu:.2f} | "
-          f"{n_read / read_cpu:,.0f} | streamed shard by shard |")
-    print(f"\npeak RSS {peak_mb:.0f} MiB (all {args.n} records are held in memory for the store step)")
+        print(
+            f"| generate {family} | {n} | {wall:.2f} | {n / wall:,.0f} | {cpu:.2f} | {n / cpu:,.0f} | "
+            f"mean PNG {size / n / 1024:.1f} KiB |"
+        )
+    print(
+        f"| generate all | {args.n} | {gen_wall:.2f} | {args.n / gen_wall:,.0f} | {gen_cpu:.2f} | "
+        f"{args.n / gen_cpu:,.0f} | one core |"
+    )
+    print(
+        f"| programmatic teacher (3 stages) | {n_texts} texts | {teach_wall:.2f} | {n_texts / teach_wall:,.0f} | "
+        f"{teach_cpu:.2f} | {n_texts / teach_cpu:,.0f} | describe + reason + anchor |"
+    )
+    print(
+        f"| work store write | {args.n} rows | {write_wall:.2f} | {args.n / write_wall:,.0f} | {write_cpu:.2f} | "
+        f"{args.n / write_cpu:,.0f} | {n_shards} shards, {disk / 2**20:.1f} MiB zstd parquet |"
+    )
+    print(
+        f"| work store read | {n_read} rows | {read_wall:.2f} | {n_read / read_wall:,.0f} | {read_cpu:.2f} | "
+        f"{n_read / read_cpu:,.0f} | streamed shard by shard |"
+    )
+    print(
+        f"\npeak RSS {peak_mb:.0f} MiB (all {args.n} records are held in memory for the store step)"
+    )
 
 
 if __name__ == "__main__":

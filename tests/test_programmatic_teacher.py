@@ -15,8 +15,15 @@ from pipeline.teachers.base import TeacherConfig, TeacherError, TeacherRequest, 
 from pipeline.teachers.programmatic import DEFAULT_MODEL, ProgrammaticTeacher
 
 FORMAT = re.compile(r"^<think>\n([\s\S]+)\n</think>\n<answer>([^<]+)</answer>$")
-REFLECTION = re.compile(r"\b(wait|hold on)\b[^.]*\b(check|double-check|re-examine|look)", re.IGNORECASE)
-HEADINGS = ("### 1. Global scan", "### 2. Parts", "### 3. Links between parts", "### 4. Synthesized scene")
+REFLECTION = re.compile(
+    r"\b(wait|hold on)\b[^.]*\b(check|double-check|re-examine|look)", re.IGNORECASE
+)
+HEADINGS = (
+    "### 1. Global scan",
+    "### 2. Parts",
+    "### 3. Links between parts",
+    "### 4. Synthesized scene",
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +32,25 @@ def records():
 
 
 def ask(teacher, stage, recs):
-    requests = [TeacherRequest(key=f"{r['id']}:{stage}", stage=stage,
-                               messages=[{"role": "user", "content": [{"type": "text", "text": "Describe it."},
-                                                                      {"type": "image", "index": 0}]}],
-                               images=[], sampling={}, record=r) for r in recs]
+    requests = [
+        TeacherRequest(
+            key=f"{r['id']}:{stage}",
+            stage=stage,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Describe it."},
+                        {"type": "image", "index": 0},
+                    ],
+                }
+            ],
+            images=[],
+            sampling={},
+            record=r,
+        )
+        for r in recs
+    ]
     return asyncio.run(teacher.agenerate(requests))
 
 
@@ -63,15 +85,23 @@ def test_reflection_corrects_a_distractor(records, outputs):
     """Where the scene has a misleading element, the chain first names its value, then rejects it."""
     for r, out in zip(records, outputs["anchor"], strict=True):
         scene = r["scene"]
-        if scene["family"] not in ("charts", "tables") or not scene["distractors"] or scene["task"] in ("total",):
+        if (
+            scene["family"] not in ("charts", "tables")
+            or not scene["distractors"]
+            or scene["task"] in ("total",)
+        ):
             continue
         decoy = next(e for e in scene["elements"] if e["id"] == scene["distractors"][0])["attrs"]
         wait = REFLECTION.search(out.text).start()
         before, check = out.text[:wait], out.text[wait:].split("\n")[0]
         if scene["task"] in ("max", "max_row"):  # "X looks highest" ... "X has only v"
-            assert decoy.get("category", decoy.get("row")) in before and str(decoy["value"]) in check
+            assert (
+                decoy.get("category", decoy.get("row")) in before and str(decoy["value"]) in check
+            )
         else:  # "my first reading is v" ... "that is <the decoy's label>, not the one asked"
-            assert str(decoy["value"]) in before and decoy.get("category", decoy.get("row")) in check
+            assert (
+                str(decoy["value"]) in before and decoy.get("category", decoy.get("row")) in check
+            )
 
 
 def test_describe_has_the_four_parts_and_names_real_values(records, outputs):
@@ -116,8 +146,14 @@ def test_failures_are_returned_with_reason_codes(records):
     for element in broken["scene"]["elements"]:
         element.pop("attrs")
     results = ask(teacher, "reason", [no_scene, wrong_gold, broken, records[3]])
-    assert [getattr(r, "reason", None) for r in results[:3]] == ["no_scene", "scene_inconsistent", "scene_invalid"]
-    assert all(isinstance(r, TeacherError) for r in results[:3]) and results[3].text.startswith("<think>")
+    assert [getattr(r, "reason", None) for r in results[:3]] == [
+        "no_scene",
+        "scene_inconsistent",
+        "scene_invalid",
+    ]
+    assert all(isinstance(r, TeacherError) for r in results[:3]) and results[3].text.startswith(
+        "<think>"
+    )
     assert records[0]["id"] in results[0].message
     (other,) = ask(teacher, "verify", records[:1])
     assert other.reason == "unsupported_stage"
@@ -134,5 +170,8 @@ def test_stages_run_end_to_end_on_the_programmatic_backend(records):
     for r in batch:
         validate_sample(r, "anchor")
         assert r["programmatic"] is True and r["n_anchors"] >= 2
-        assert r["stages"]["anchor"]["teacher"] == {"backend": "programmatic", "model": DEFAULT_MODEL}
+        assert r["stages"]["anchor"]["teacher"] == {
+            "backend": "programmatic",
+            "model": DEFAULT_MODEL,
+        }
         assert all(a["element"] for a in r["anchors"])

@@ -33,27 +33,51 @@ def by_id(scene):
 def recompute(scene: dict):
     """The exact answer from scene metadata alone (a number, or the correct option's text)."""
     els, task = by_id(scene), scene["task"]
-    target = [els[i] for i in scene["target"]["elements"]] if scene["family"] not in ("counting",) else None
+    target = (
+        [els[i] for i in scene["target"]["elements"]]
+        if scene["family"] not in ("counting",)
+        else None
+    )
     if task == "triangle_angle":
-        interior = [180 - els[g]["attrs"]["value"] if els[g]["attrs"]["exterior"] else els[g]["attrs"]["value"]
-                    for g in scene["given"]]
+        interior = [
+            180 - els[g]["attrs"]["value"]
+            if els[g]["attrs"]["exterior"]
+            else els[g]["attrs"]["value"]
+            for g in scene["given"]
+        ]
         return 180 - sum(interior)
     if task == "parallel_angle":
         given = els[scene["given"][0]]["attrs"]
         pos = target[0]["attrs"]["position"]
         same = {"top-right", "bottom-left"}
-        return given["value"] if (pos in same) == (given["position"] in same) else 180 - given["value"]
+        return (
+            given["value"] if (pos in same) == (given["position"] in same) else 180 - given["value"]
+        )
     if task == "right_triangle":
-        sides = {tuple(e["attrs"]["endpoints"]): e["attrs"] for e in scene["elements"]
-                 if e["kind"] == "length" and not e["attrs"].get("altitude")}
+        sides = {
+            tuple(e["attrs"]["endpoints"]): e["attrs"]
+            for e in scene["elements"]
+            if e["kind"] == "length" and not e["attrs"].get("altitude")
+        }
         known = [a["length"] for a in sides.values() if a["length"] is not None]
         hyp = next(a for a in sides.values() if a["hypotenuse"])
-        squares = sum(k * k for k in known) if hyp["length"] is None else hyp["length"] ** 2 - min(known) ** 2
+        squares = (
+            sum(k * k for k in known)
+            if hyp["length"] is None
+            else hyp["length"] ** 2 - min(known) ** 2
+        )
         return math.sqrt(squares)
     if scene["family"] == "counting":
+
         def count(q):
-            return sum(1 for e in scene["elements"] if e["kind"] == "shape" and e["attrs"]["color"] == q["color"]
-                       and (q["shape"] is None or e["attrs"]["shape"] == q["shape"]))
+            return sum(
+                1
+                for e in scene["elements"]
+                if e["kind"] == "shape"
+                and e["attrs"]["color"] == q["color"]
+                and (q["shape"] is None or e["attrs"]["shape"] == q["shape"])
+            )
+
         counts = [count(q) for q in scene["query"]]
         return counts[0] - counts[1] if task == "count_difference" else counts[0]
     values = [t["attrs"]["value"] for t in target]
@@ -65,11 +89,17 @@ def recompute(scene: dict):
         return sum(values)
     if task == "max":
         series = scene["target"]["series"]
-        bars = [e for e in scene["elements"] if e["kind"] in ("bar", "point") and e["attrs"]["series"] == series]
+        bars = [
+            e
+            for e in scene["elements"]
+            if e["kind"] in ("bar", "point") and e["attrs"]["series"] == series
+        ]
         return max(bars, key=lambda e: e["attrs"]["value"])["attrs"]["category"]
     if task == "max_row":
         col = scene["target"]["column"]
-        cells = [e for e in scene["elements"] if e["kind"] == "cell" and e["attrs"]["column"] == col]
+        cells = [
+            e for e in scene["elements"] if e["kind"] == "cell" and e["attrs"]["column"] == col
+        ]
         return max(cells, key=lambda e: e["attrs"]["value"])["attrs"]["row"]
     raise AssertionError(f"unknown task {task}")
 
@@ -88,7 +118,10 @@ def test_same_seed_same_bytes_and_ids_different_seed_differs():
     assert first == second
     other = list(iter_seeds(SeedsConfig(n=12, seed=6)))
     assert not {r["id"] for r in first} & {r["id"] for r in other}
-    assert generate_problem("charts", 3, 2)["images"][0]["bytes"] == generate_problem("charts", 3, 2)["images"][0]["bytes"]
+    assert (
+        generate_problem("charts", 3, 2)["images"][0]["bytes"]
+        == generate_problem("charts", 3, 2)["images"][0]["bytes"]
+    )
 
 
 def test_records_satisfy_the_seed_contract(records):
@@ -97,15 +130,24 @@ def test_records_satisfy_the_seed_contract(records):
         validate("seed", r)
         scene = r["scene"]
         assert r["source"] == f"procedural/{scene['family']}"
-        assert (scene["width"], scene["height"]) == (r["images"][0]["width"], r["images"][0]["height"])
+        assert (scene["width"], scene["height"]) == (
+            r["images"][0]["width"],
+            r["images"][0]["height"],
+        )
         assert scene["difficulty"] == r["difficulty"]
         for e in scene["elements"]:
             x0, y0, x1, y1 = e["bbox"]
-            assert 0 <= x0 <= x1 <= scene["width"] and 0 <= y0 <= y1 <= scene["height"], (e, r["id"])
+            assert 0 <= x0 <= x1 <= scene["width"] and 0 <= y0 <= y1 <= scene["height"], (
+                e,
+                r["id"],
+            )
             assert e["label"]
         ids = {e["id"] for e in scene["elements"]}
-        referenced = scene["given"] + scene["distractors"] + [
-            x for t in scene["target"]["elements"] for x in (t if isinstance(t, list) else [t])]
+        referenced = (
+            scene["given"]
+            + scene["distractors"]
+            + [x for t in scene["target"]["elements"] for x in (t if isinstance(t, list) else [t])]
+        )
         assert set(referenced) <= ids
     assert len({r["id"] for r in records}) == len(records)
     assert Counter(r["scene"]["family"] for r in records) == {f: 60 for f in FAMILIES}
@@ -123,7 +165,9 @@ def test_both_numeric_and_multiple_choice_problems_appear(records):
     assert types["choice"] >= 30 and types["number"] >= 100
     for r in records:
         if r["answer_type"] == "choice":
-            assert r["gold_answer"] in "ABCD"[:len(r["choices"])] and len(set(r["choices"])) == len(r["choices"])
+            assert r["gold_answer"] in "ABCD"[: len(r["choices"])] and len(
+                set(r["choices"])
+            ) == len(r["choices"])
             assert "\nA. " in r["question"]
         else:
             assert r["choices"] is None and float(r["gold_answer"]) >= 0
@@ -142,11 +186,17 @@ def test_bars_and_points_are_drawn_to_scale(records):
         axis = r["scene"]["axis"]
         for e in r["scene"]["elements"]:
             if e["kind"] == "bar":
-                assert abs((e["bbox"][3] - e["bbox"][1]) - e["attrs"]["value"] * axis["px_per_unit"]) <= 0.6
+                assert (
+                    abs((e["bbox"][3] - e["bbox"][1]) - e["attrs"]["value"] * axis["px_per_unit"])
+                    <= 0.6
+                )
                 assert abs(e["bbox"][3] - axis["y_zero_px"]) <= 0.6
             elif e["kind"] == "point":
                 centre = (e["bbox"][1] + e["bbox"][3]) / 2
-                assert abs(axis["y_zero_px"] - centre - e["attrs"]["value"] * axis["px_per_unit"]) <= 0.6
+                assert (
+                    abs(axis["y_zero_px"] - centre - e["attrs"]["value"] * axis["px_per_unit"])
+                    <= 0.6
+                )
 
 
 def test_counting_shapes_have_the_colour_the_scene_claims(records):
@@ -169,8 +219,11 @@ def test_triangles_are_drawn_with_their_marked_angles(records):
     triangles = [r for r in records if r["scene"].get("task") == "triangle_angle"]
     assert triangles
     for r in triangles:
-        pts = {e["attrs"]["name"]: (e["attrs"]["x"], e["attrs"]["y"]) for e in r["scene"]["elements"]
-               if e["kind"] == "point"}
+        pts = {
+            e["attrs"]["name"]: (e["attrs"]["x"], e["attrs"]["y"])
+            for e in r["scene"]["elements"]
+            if e["kind"] == "point"
+        }
         assert abs(_angle_at(pts, "C", "A", "B") - float(gold_value(r))) < 1.0
 
 
@@ -181,9 +234,13 @@ def test_config_is_validated_and_loads_through_the_typed_loader():
         SeedsConfig(difficulty_min=4, difficulty_max=2)
     with pytest.raises(ValueError, match="seeds.path"):
         SeedsConfig(kind="local")
-    config = from_dict(SeedsConfig, {"n": 3, "families": ["tables"], "difficulty_min": 2, "difficulty_max": 2})
+    config = from_dict(
+        SeedsConfig, {"n": 3, "families": ["tables"], "difficulty_min": 2, "difficulty_max": 2}
+    )
     recs = list(iter_seeds(config))
-    assert [r["scene"]["family"] for r in recs] == ["tables"] * 3 and {r["difficulty"] for r in recs} == {2}
+    assert [r["scene"]["family"] for r in recs] == ["tables"] * 3 and {
+        r["difficulty"] for r in recs
+    } == {2}
     with pytest.raises(ConfigError, match="kind"):
         from_dict(SeedsConfig, {"kind": "web"})
 
@@ -195,6 +252,8 @@ def test_generate_problem_refuses_unknown_family_and_level():
         generate_problem("charts", 1, difficulty=6)
 
 
-@pytest.mark.parametrize(("value", "text"), [(70, "70"), (70.0, "70"), (2.4, "2.4"), (2.345, "2.35")])
+@pytest.mark.parametrize(
+    ("value", "text"), [(70, "70"), (70.0, "70"), (2.4, "2.4"), (2.345, "2.35")]
+)
 def test_numbers_are_written_as_people_write_them(value, text):
     assert fmt_number(value) == text

@@ -18,7 +18,15 @@ def iter_seeds(config: SeedsConfig) -> Iterator[dict | Reject]:
     if config.kind == "procedural":
         return iter_procedural(config)
     from pipeline.seeds.loader import iter_dataset  # datasets is imported only when needed
+
     return iter_dataset(config)
 
 
-__all__ = ["FAMILIES", "SeedsConfig", "generate_problem", "iter_procedural", "iter_seeds", "problem_plan"]
+__all__ = [
+    "FAMILIES",
+    "SeedsConfig",
+    "generate_problem",
+    "iter_procedural",
+    "iter_seeds",
+    "problem_plan",
+]

@@ -32,7 +32,13 @@ from pipeline.seeds.config import SeedsConfig
 
 BATCH_ROWS = 64
 STAGE = "seeds"
-_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+_FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
 _IMAGE_TOKEN = re.compile(r"\s*<image>\s*")
 _LETTER = re.compile(r"^\(?([A-Ha-h])\)?\.?$")
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
@@ -57,7 +63,8 @@ def source_name(config: SeedsConfig) -> str:
 
 def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_dict.json").exists() or (
-        (folder / "state.json").exists() and (folder / "dataset_info.json").exists())
+        (folder / "state.json").exists() and (folder / "dataset_info.json").exists()
+    )
 
 
 def _arrow_rows(dataset) -> Iterator[dict]:
@@ -68,7 +75,9 @@ def _arrow_rows(dataset) -> Iterator[dict]:
 
 def _pick_split(dataset_dict, split: str, where: str):
     if split not in dataset_dict:
-        raise ValueError(f"seeds.split: {where} has no split {split!r} (available: {sorted(dataset_dict)})")
+        raise ValueError(
+            f"seeds.split: {where} has no split {split!r} (available: {sorted(dataset_dict)})"
+        )
     return dataset_dict[split]
 
 
@@ -77,26 +86,33 @@ def open_rows(config: SeedsConfig) -> tuple[Iterator[dict], Path | None]:
     import datasets  # heavy import, only when a dataset is read
 
     if config.kind == "hub":
-        ds = datasets.load_dataset(config.repo_id, name=config.config_name, split=config.split,
-                                   streaming=config.streaming)
+        ds = datasets.load_dataset(
+            config.repo_id, name=config.config_name, split=config.split, streaming=config.streaming
+        )
         rows = iter(ds.decode(False)) if config.streaming else _arrow_rows(ds)
         return rows, Path(config.image_root) if config.image_root else None
     path = Path(str(config.path)).expanduser()
     if not path.exists():
         raise ValueError(f"seeds.path: {path} does not exist")
-    base = Path(config.image_root) if config.image_root else (path if path.is_dir() else path.parent)
+    base = (
+        Path(config.image_root) if config.image_root else (path if path.is_dir() else path.parent)
+    )
     if path.is_dir() and _is_saved_dataset(path):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             ds = _pick_split(ds, config.split, str(path))
         return _arrow_rows(ds), base
     if path.is_dir():
-        ds = datasets.load_dataset(str(path), name=config.config_name, split=config.split, streaming=True)
+        ds = datasets.load_dataset(
+            str(path), name=config.config_name, split=config.split, streaming=True
+        )
     else:
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"seeds.path: {path} is not a dataset folder or a "
-                             f"{'/'.join(sorted(_FILE_BUILDERS))} file")
+            raise ValueError(
+                f"seeds.path: {path} is not a dataset folder or a "
+                f"{'/'.join(sorted(_FILE_BUILDERS))} file"
+            )
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
     return iter(ds.decode(False)), base
 
@@ -117,7 +133,9 @@ def iter_dataset(config: SeedsConfig) -> Iterator[dict | Reject]:
             raise
         raise DatasetReadError(f"seeds: datasets could not read {where}: {err}") from err
     except Exception as err:  # datasets/pyarrow raise many unrelated types
-        raise DatasetReadError(f"seeds: datasets could not read {where}: {type(err).__name__}: {err}") from err
+        raise DatasetReadError(
+            f"seeds: datasets could not read {where}: {type(err).__name__}: {err}"
+        ) from err
     index = 0
     while config.n is None or index < config.n:
         try:
@@ -125,8 +143,10 @@ def iter_dataset(config: SeedsConfig) -> Iterator[dict | Reject]:
         except StopIteration:
             return
         except Exception as err:  # as above; row-level problems never land here
-            raise DatasetReadError(f"seeds: datasets could not read {where} at row {index}: "
-                                   f"{type(err).__name__}: {err}") from err
+            raise DatasetReadError(
+                f"seeds: datasets could not read {where} at row {index}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         yield row_to_seed(row, index, config, source, base)
         index += 1
 
@@ -146,8 +166,11 @@ def _image_bytes(item: Any, field: str, base: Path | None) -> tuple[bytes, str |
         buf = io.BytesIO()
         item.save(buf, format="PNG")
         return buf.getvalue(), None
-    raise RowError("schema_invalid", field, f"expected image bytes, a path or an {{bytes, path}} "
-                                            f"dict, got {type(item).__name__}")
+    raise RowError(
+        "schema_invalid",
+        field,
+        f"expected image bytes, a path or an {{bytes, path}} dict, got {type(item).__name__}",
+    )
 
 
 def _read_path(raw: str, field: str, base: Path | None) -> bytes:
@@ -165,7 +188,9 @@ def _read_path(raw: str, field: str, base: Path | None) -> bytes:
 def _text_field(row: dict, column: str, what: str) -> str:
     field = f"$.{column}"
     if column not in row:
-        raise RowError("field_missing", field, f"no {what} column {column!r} (columns: {sorted(row)})")
+        raise RowError(
+            "field_missing", field, f"no {what} column {column!r} (columns: {sorted(row)})"
+        )
     value = row[column]
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise RowError("field_missing", field, f"{what} is empty")
@@ -185,11 +210,15 @@ def _choices(row: dict, column: str | None) -> list[str] | None:
         try:
             value = json.loads(value)
         except ValueError:
-            raise RowError("schema_invalid", f"$.{column}", "choices string is not a JSON list") from None
+            raise RowError(
+                "schema_invalid", f"$.{column}", "choices string is not a JSON list"
+            ) from None
     if value is None or value == []:
         return None
     if not isinstance(value, list) or not all(isinstance(c, (str, int, float)) for c in value):
-        raise RowError("schema_invalid", f"$.{column}", f"choices must be a list of strings, got {value!r:.80}")
+        raise RowError(
+            "schema_invalid", f"$.{column}", f"choices must be a list of strings, got {value!r:.80}"
+        )
     return [str(c) for c in value]
 
 
@@ -207,7 +236,9 @@ def _answer_type(config: SeedsConfig, answer: str, choices: list[str] | None) ->
     return "text", answer
 
 
-def row_to_seed(row: dict, index: int, config: SeedsConfig, source: str, base: Path | None) -> dict | Reject:
+def row_to_seed(
+    row: dict, index: int, config: SeedsConfig, source: str, base: Path | None
+) -> dict | Reject:
     """One dataset row as a seed record, or a reject naming the row and the field."""
     where = f"{source} row {index}"
     try:
@@ -215,10 +246,16 @@ def row_to_seed(row: dict, index: int, config: SeedsConfig, source: str, base: P
         if config.strip_image_tokens:
             question = _IMAGE_TOKEN.sub(" ", question).strip()
             if not question:
-                raise RowError("field_missing", f"$.{config.question_column}", "question is only <image> tokens")
+                raise RowError(
+                    "field_missing",
+                    f"$.{config.question_column}",
+                    "question is only <image> tokens",
+                )
         answer = _text_field(row, config.answer_column, "answer")
         choices = _choices(row, config.choices_column)
-        column = config.image_column if config.image_column in row or "image" not in row else "image"
+        column = (
+            config.image_column if config.image_column in row or "image" not in row else "image"
+        )
         if column not in row or row[column] is None or row[column] == []:
             raise RowError("field_missing", f"$.{column}", f"no image in column {column!r}")
         many = isinstance(row[column], (list, tuple))
@@ -230,25 +267,58 @@ def row_to_seed(row: dict, index: int, config: SeedsConfig, source: str, base: P
                 data, path = _image_bytes(item, field, base)
                 images.append(image_record(data, path=path, max_pixels=config.max_source_pixels))
             except ImageError as err:
-                path_hint = item.get("path") if isinstance(item, dict) else item if isinstance(item, str) else None
+                path_hint = (
+                    item.get("path")
+                    if isinstance(item, dict)
+                    else item
+                    if isinstance(item, str)
+                    else None
+                )
                 hint = f" ({path_hint})" if path_hint else ""
                 raise RowError(err.reason, field, f"image {k}{hint}: {err.message}") from None
         difficulty = None
         if config.difficulty_column and row.get(config.difficulty_column) is not None:
             difficulty = row[config.difficulty_column]
-            if isinstance(difficulty, bool) or not isinstance(difficulty, int) or not 1 <= difficulty <= 5:
-                raise RowError("schema_invalid", f"$.{config.difficulty_column}",
-                               f"difficulty must be an integer 1-5, got {difficulty!r}")
+            if (
+                isinstance(difficulty, bool)
+                or not isinstance(difficulty, int)
+                or not 1 <= difficulty <= 5
+            ):
+                raise RowError(
+                    "schema_invalid",
+                    f"$.{config.difficulty_column}",
+                    f"difficulty must be an integer 1-5, got {difficulty!r}",
+                )
         answer_type, gold = _answer_type(config, answer, choices)
     except RowError as err:
-        return Reject(id=f"{source}:row{index}", stage=STAGE, reason=err.reason,
-                      message=f"{where}: field {err.field}: {err.message}", field=err.field, source=source)
-    record = {"id": sample_id([im["bytes"] for im in images], question, source), "images": images,
-              "question": question, "gold_answer": gold, "answer_type": answer_type, "choices": choices,
-              "source": source, "difficulty": difficulty, "scene": None}
+        return Reject(
+            id=f"{source}:row{index}",
+            stage=STAGE,
+            reason=err.reason,
+            message=f"{where}: field {err.field}: {err.message}",
+            field=err.field,
+            source=source,
+        )
+    record = {
+        "id": sample_id([im["bytes"] for im in images], question, source),
+        "images": images,
+        "question": question,
+        "gold_answer": gold,
+        "answer_type": answer_type,
+        "choices": choices,
+        "source": source,
+        "difficulty": difficulty,
+        "scene": None,
+    }
     try:
         validate("seed", record)
     except RecordError as err:
-        return Reject(id=f"{source}:row{index}", stage=STAGE, reason="schema_invalid",
-                      message=f"{where}: field {err.field}: {err.message}", field=err.field, source=source)
+        return Reject(
+            id=f"{source}:row{index}",
+            stage=STAGE,
+            reason="schema_invalid",
+            message=f"{where}: field {err.field}: {err.message}",
+            field=err.field,
+            source=source,
+        )
     return record

@@ -66,13 +66,22 @@ class Canvas:
     def px(self, value: float) -> int:
         return max(1, round(value * self.unit))
 
-    def text(self, xy: tuple[float, float], text: str, size: float = 15, fill=INK,
-             anchor: str = "mm", max_width: float | None = None) -> list[float]:
+    def text(
+        self,
+        xy: tuple[float, float],
+        text: str,
+        size: float = 15,
+        fill=INK,
+        anchor: str = "mm",
+        max_width: float | None = None,
+    ) -> list[float]:
         """Draw ``text`` (shrunk to fit ``max_width`` pixels when given); returns its bbox."""
         px = self.px(size)
         mask, (x0, y0, x1, y1) = glyph_mask(text, px, anchor)
         if max_width and x1 - x0 > max_width and px > 6:
-            mask, (x0, y0, x1, y1) = glyph_mask(text, max(6, int(px * max_width / (x1 - x0))), anchor)
+            mask, (x0, y0, x1, y1) = glyph_mask(
+                text, max(6, int(px * max_width / (x1 - x0))), anchor
+            )
         ink = self.image.palette.getcolor(fill, self.image)
         left, top = round(xy[0]) + x0, round(xy[1]) + y0
         self.image.paste(ink, (left, top), mask)
@@ -100,11 +109,19 @@ def glyph_mask(text: str, px: int, anchor: str) -> tuple[Image.Image, tuple[int,
 
 def clamp_box(box, size: int) -> list[float]:
     x0, y0, x1, y1 = box
-    return [round(min(max(v, 0.0), size), 1) for v in (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))]
+    return [
+        round(min(max(v, 0.0), size), 1)
+        for v in (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    ]
 
 
 def union(*boxes) -> list[float]:
-    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+    return [
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    ]
 
 
 def point_box(x: float, y: float, r: float, size: int) -> list[float]:
@@ -112,8 +129,13 @@ def point_box(x: float, y: float, r: float, size: int) -> list[float]:
 
 
 def element(eid: str, label: str, kind: str, bbox, **attrs) -> dict:
-    return {"id": eid, "label": label, "kind": kind, "bbox": [round(float(v), 1) for v in bbox],
-            "attrs": attrs}
+    return {
+        "id": eid,
+        "label": label,
+        "kind": kind,
+        "bbox": [round(float(v), 1) for v in bbox],
+        "attrs": attrs,
+    }
 
 
 def fmt_number(value: float) -> str:
@@ -145,8 +167,9 @@ def _choice_values(draft: Draft, rng: random.Random) -> list[str]:
     return values
 
 
-def finalize(family: str, draft: Draft, rng: random.Random, difficulty: int,
-             choice_fraction: float) -> dict:
+def finalize(
+    family: str, draft: Draft, rng: random.Random, difficulty: int, choice_fraction: float
+) -> dict:
     """Turn a draft into a seed record (multiple choice for some numeric problems)."""
     question = draft.question
     if draft.options is not None:
@@ -164,12 +187,24 @@ def finalize(family: str, draft: Draft, rng: random.Random, difficulty: int,
     draft.image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     data = buf.getvalue()
     source = f"procedural/{family}"
-    scene = dict(draft.scene, family=family, difficulty=difficulty,
-                 width=draft.image.width, height=draft.image.height)
-    return {"id": sample_id([data], question, source), "images": [image_record(data)],
-            "question": question, "gold_answer": gold,
-            "answer_type": "choice" if choices is not None else "number",
-            "choices": choices, "source": source, "difficulty": difficulty, "scene": scene}
+    scene = dict(
+        draft.scene,
+        family=family,
+        difficulty=difficulty,
+        width=draft.image.width,
+        height=draft.image.height,
+    )
+    return {
+        "id": sample_id([data], question, source),
+        "images": [image_record(data)],
+        "question": question,
+        "gold_answer": gold,
+        "answer_type": "choice" if choices is not None else "number",
+        "choices": choices,
+        "source": source,
+        "difficulty": difficulty,
+        "scene": scene,
+    }
 
 
 @cache
@@ -178,8 +213,9 @@ def family_generator(family: str) -> Callable[[random.Random, int, int], Draft]:
     return importlib.import_module(f"pipeline.seeds.families.{family}").generate
 
 
-def generate_problem(family: str, seed: int, difficulty: int = 3, image_size: int = 448,
-                     choice_fraction: float = 0.3) -> dict:
+def generate_problem(
+    family: str, seed: int, difficulty: int = 3, image_size: int = 448, choice_fraction: float = 0.3
+) -> dict:
     """One seed record of ``family``; identical bytes for identical arguments."""
     if family not in FAMILIES:
         raise ValueError(f"family: unknown {family!r}; choose from {list(FAMILIES)}")
@@ -215,8 +251,9 @@ def iter_procedural(config: SeedsConfig) -> Iterator[dict]:
     for index in range(config.n or 0):
         family, problem_seed, difficulty = problem_plan(config, index)
         for redraw in range(MAX_REDRAWS):
-            record = generate_problem(family, problem_seed + redraw, difficulty, config.image_size,
-                                      config.choice_fraction)
+            record = generate_problem(
+                family, problem_seed + redraw, difficulty, config.image_size, config.choice_fraction
+            )
             key = bytes.fromhex(record["id"])
             if key not in seen:
                 break

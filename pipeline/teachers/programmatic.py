@@ -55,8 +55,11 @@ def final_answer(value, record: dict) -> str:
     if record.get("answer_type") == "choice":
         choices = [str(c) for c in record.get("choices") or []]
         if text not in choices:
-            raise TeacherError("scene_inconsistent", f"record {record.get('id')}: derived answer {text!r} "
-                                                     f"is not among the choices {choices}")
+            raise TeacherError(
+                "scene_inconsistent",
+                f"record {record.get('id')}: derived answer {text!r} "
+                f"is not among the choices {choices}",
+            )
         return LETTERS[choices.index(text)]
     return text
 
@@ -65,25 +68,39 @@ def write(stage: str, record: dict) -> str:
     """The text the ``stage`` teacher returns for ``record`` (raises :class:`TeacherError`)."""
     rid = record.get("id") or "<no id>"
     if stage not in STAGES:
-        raise TeacherError("unsupported_stage", f"record {rid}: the programmatic teacher writes "
-                                                f"{'/'.join(STAGES)}, not {stage!r}")
+        raise TeacherError(
+            "unsupported_stage",
+            f"record {rid}: the programmatic teacher writes {'/'.join(STAGES)}, not {stage!r}",
+        )
     scene = record.get("scene")
-    if not isinstance(scene, dict) or not scene.get("elements") or scene.get("family") not in FAMILIES \
-            or "task" not in scene:
-        raise TeacherError("no_scene", f"record {rid}: no procedural scene metadata (field $.scene); the "
-                                       f"programmatic teacher only serves procedural seeds")
+    if (
+        not isinstance(scene, dict)
+        or not scene.get("elements")
+        or scene.get("family") not in FAMILIES
+        or "task" not in scene
+    ):
+        raise TeacherError(
+            "no_scene",
+            f"record {rid}: no procedural scene metadata (field $.scene); the "
+            f"programmatic teacher only serves procedural seeds",
+        )
     try:
         if stage == "describe":
             return describe(scene)
         solution = solve(scene, seed=f"{rid}/{scene['family']}")
     except (KeyError, TypeError, ValueError, StopIteration, IndexError) as err:
-        raise TeacherError("scene_invalid", f"record {rid}: scene metadata is incomplete for "
-                                            f"{scene.get('family')}/{scene.get('task')}: {err!r}") from None
+        raise TeacherError(
+            "scene_invalid",
+            f"record {rid}: scene metadata is incomplete for "
+            f"{scene.get('family')}/{scene.get('task')}: {err!r}",
+        ) from None
     answer = final_answer(solution.value, record)
     gold = str(record.get("gold_answer", "")).strip()
     if gold and answer != gold:
-        raise TeacherError("scene_inconsistent", f"record {rid}: the scene gives {answer!r} but the gold answer "
-                                                 f"is {gold!r}")
+        raise TeacherError(
+            "scene_inconsistent",
+            f"record {rid}: the scene gives {answer!r} but the gold answer is {gold!r}",
+        )
     steps = [s.anchored if stage == "anchor" else s.plain for s in solution.steps]
     if record.get("answer_type") == "choice":
         shown = solution.value if isinstance(solution.value, str) else fmt_number(solution.value)
@@ -105,9 +122,16 @@ class ProgrammaticTeacher(Teacher):
             text = write(request.stage, request.record)
         except TeacherError as err:
             return err
-        return TeacherResponse(text=text, prompt_tokens=_count_words(request.messages),
-                               completion_tokens=len(text.split()), finish_reason="stop",
-                               model=self.model, latency_s=time.perf_counter() - started)
+        return TeacherResponse(
+            text=text,
+            prompt_tokens=_count_words(request.messages),
+            completion_tokens=len(text.split()),
+            finish_reason="stop",
+            model=self.model,
+            latency_s=time.perf_counter() - started,
+        )
 
-    async def agenerate(self, requests: list[TeacherRequest]) -> list[TeacherResponse | TeacherError]:
+    async def agenerate(
+        self, requests: list[TeacherRequest]
+    ) -> list[TeacherResponse | TeacherError]:
         return [self.generate_one(r) for r in requests]

@@ -21,19 +21,42 @@ from pipeline.seeds.procedural import (
 )
 
 THEMES = [
-    {"title": "Fruit boxes sold", "y_label": "boxes", "metric": "number of boxes sold",
-     "categories": ["Apples", "Pears", "Plums", "Kiwis", "Mangos", "Grapes", "Lemons", "Limes"]},
-    {"title": "City visitors (thousands)", "y_label": "visitors (k)", "metric": "number of visitors in thousands",
-     "categories": ["Oslo", "Lima", "Rome", "Cairo", "Delhi", "Tokyo", "Paris", "Quito"]},
-    {"title": "Daily orders", "y_label": "orders", "metric": "number of orders",
-     "categories": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]},
+    {
+        "title": "Fruit boxes sold",
+        "y_label": "boxes",
+        "metric": "number of boxes sold",
+        "categories": ["Apples", "Pears", "Plums", "Kiwis", "Mangos", "Grapes", "Lemons", "Limes"],
+    },
+    {
+        "title": "City visitors (thousands)",
+        "y_label": "visitors (k)",
+        "metric": "number of visitors in thousands",
+        "categories": ["Oslo", "Lima", "Rome", "Cairo", "Delhi", "Tokyo", "Paris", "Quito"],
+    },
+    {
+        "title": "Daily orders",
+        "y_label": "orders",
+        "metric": "number of orders",
+        "categories": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"],
+    },
 ]
 SERIES = [("Online", "In store"), ("North", "South"), ("Team A", "Team B")]
 COLORS = [(66, 110, 200), (230, 140, 40)]
 COLOR_NAMES = ["blue", "orange"]
-LEVELS = {1: (3, 4, 20, 1), 2: (4, 5, 50, 1), 3: (5, 6, 100, 1), 4: (5, 6, 100, 2), 5: (6, 7, 300, 2)}
-TASKS = {1: ["read", "max"], 2: ["read", "max", "difference"], 3: ["read", "difference", "sum", "max"],
-         4: ["read", "difference", "sum", "total", "max"], 5: ["difference", "sum", "total", "max"]}
+LEVELS = {
+    1: (3, 4, 20, 1),
+    2: (4, 5, 50, 1),
+    3: (5, 6, 100, 1),
+    4: (5, 6, 100, 2),
+    5: (6, 7, 300, 2),
+}
+TASKS = {
+    1: ["read", "max"],
+    2: ["read", "max", "difference"],
+    3: ["read", "difference", "sum", "max"],
+    4: ["read", "difference", "sum", "total", "max"],
+    5: ["difference", "sum", "total", "max"],
+}
 
 
 def _nice_step(top: float) -> int:
@@ -69,21 +92,42 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
         cv.draw.line([(left, y), (right, y)], fill=(225, 225, 225), width=1)
         ybox = union(ybox, cv.text((left - cv.px(6), y), str(tick), size=12, anchor="rm"))
     cv.draw.line([(left, top), (left, bottom), (right, bottom)], fill=(40, 40, 40), width=cv.px(2))
-    ybox = union(ybox, cv.text((left - cv.px(4), top - cv.px(16)), theme["y_label"], size=13, anchor="lm"))
-    elements.append(element("y_axis", "y axis", "axis", ybox, title=theme["y_label"], min=0, max=y_max, step=step))
+    ybox = union(
+        ybox, cv.text((left - cv.px(4), top - cv.px(16)), theme["y_label"], size=13, anchor="lm")
+    )
+    elements.append(
+        element(
+            "y_axis", "y axis", "axis", ybox, title=theme["y_label"], min=0, max=y_max, step=step
+        )
+    )
     group = (right - left) / n
     xbox = [left, bottom, right, bottom]
     for i, cat in enumerate(cats):
-        xbox = union(xbox, cv.text((left + group * (i + 0.5), bottom + cv.px(14)), cat, size=13, max_width=group - 2))
+        xbox = union(
+            xbox,
+            cv.text(
+                (left + group * (i + 0.5), bottom + cv.px(14)), cat, size=13, max_width=group - 2
+            ),
+        )
     elements.append(element("x_axis", "x axis", "axis", xbox, categories=cats))
     if n_series == 2:
         x = right - cv.px(170)
         for j, name in enumerate(series):
             sw = (x, 0.1 * s - cv.px(5), x + cv.px(10), 0.1 * s + cv.px(5))
             cv.draw.rectangle(sw, fill=COLORS[j])
-            lbox = union(clamp_box(sw, size), cv.text((x + cv.px(14), 0.1 * s), name, size=12, anchor="lm"))
-            elements.append(element(f"legend_{j}", f"legend {name}", "legend", lbox, series=name,
-                                    color=COLOR_NAMES[j]))
+            lbox = union(
+                clamp_box(sw, size), cv.text((x + cv.px(14), 0.1 * s), name, size=12, anchor="lm")
+            )
+            elements.append(
+                element(
+                    f"legend_{j}",
+                    f"legend {name}",
+                    "legend",
+                    lbox,
+                    series=name,
+                    color=COLOR_NAMES[j],
+                )
+            )
             x += cv.px(90)
     ids = {}
     for j, name in enumerate(series):
@@ -97,20 +141,37 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
                 x0 = left + group * i + group * 0.19 + width * j
                 box = [x0, y, x0 + width, bottom]
                 cv.draw.rectangle(box, fill=COLORS[j])
-                vbox = cv.text((x0 + width / 2, y - cv.px(8)), str(v), size=11 if n_series == 2 else 12)
+                vbox = cv.text(
+                    (x0 + width / 2, y - cv.px(8)), str(v), size=11 if n_series == 2 else 12
+                )
                 kind, label = "bar", f"{prefix}bar for {cat}"
             else:
                 cx = left + group * (i + 0.5)
                 points.append((cx, y))
                 box = point_box(cx, y, cv.px(4), size)
                 # the label goes on the side away from the other series, so the two never collide
-                below = n_series == 2 and (v < values[1 - j][i] or (v == values[1 - j][i] and j == 1))
-                vbox = cv.text((cx, y + (cv.px(15) if below else -cv.px(14))), str(v), size=12, fill=COLORS[j])
+                below = n_series == 2 and (
+                    v < values[1 - j][i] or (v == values[1 - j][i] and j == 1)
+                )
+                vbox = cv.text(
+                    (cx, y + (cv.px(15) if below else -cv.px(14))), str(v), size=12, fill=COLORS[j]
+                )
                 kind, label = "point", f"{prefix}point for {cat}"
             eid = f"{kind}_{j}_{i}"
             ids[(j, i)] = eid
-            elements.append(element(eid, label, kind, box, category=cat, series=name, value=v,
-                                    color=COLOR_NAMES[j], value_label_bbox=vbox))
+            elements.append(
+                element(
+                    eid,
+                    label,
+                    kind,
+                    box,
+                    category=cat,
+                    series=name,
+                    value=v,
+                    color=COLOR_NAMES[j],
+                    value_label_bbox=vbox,
+                )
+            )
         if chart_type == "line":
             cv.draw.line(points, fill=COLORS[j], width=cv.px(2))
             for cx, y in points:
@@ -149,13 +210,32 @@ def generate(rng: random.Random, level: int, size: int) -> Draft:
         distractors = [ids[(focus, near[0])]] if near else []
     if task == "max":
         distractors = [ids[(focus, order[1])]]
-    scene = {"task": task, "chart": {"type": chart_type, "title": theme["title"], "y_label": theme["y_label"],
-                                     "metric": metric, "series": series, "categories": cats},
-             "axis": {"y_zero_px": round(bottom, 2), "px_per_unit": round(ppu, 4), "y_max": y_max, "step": step},
-             "given": targets, "distractors": distractors, "distractor_for": targets[0],
-             "target": {"op": task, "elements": targets, "series": series[focus]}, "elements": elements}
+    scene = {
+        "task": task,
+        "chart": {
+            "type": chart_type,
+            "title": theme["title"],
+            "y_label": theme["y_label"],
+            "metric": metric,
+            "series": series,
+            "categories": cats,
+        },
+        "axis": {
+            "y_zero_px": round(bottom, 2),
+            "px_per_unit": round(ppu, 4),
+            "y_max": y_max,
+            "step": step,
+        },
+        "given": targets,
+        "distractors": distractors,
+        "distractor_for": targets[0],
+        "target": {"op": task, "elements": targets, "series": series[focus]},
+        "elements": elements,
+    }
     wrong = []
     if task != "max":
-        slip = values[1 - focus][picks[0]] if n_series == 2 else vals[(picks[0] + 1) % n]  # a misread
+        slip = (
+            values[1 - focus][picks[0]] if n_series == 2 else vals[(picks[0] + 1) % n]
+        )  # a misread
         wrong = [answer - vals[picks[0]] + slip, answer + step]
     return Draft(cv.image, question, answer, scene, options=options, wrong_values=wrong)
