@@ -2,7 +2,9 @@
 
 Generates ``--n`` problems (families round-robin, difficulties 1-5) on one core, timing each
 family; runs the programmatic teacher's three stages over them; writes them to a fresh
-:class:`pipeline.store.WorkStore` in ``--shard``-row shards and streams them back.
+:class:`pipeline.store.WorkStore` in ``--shard``-row shards and streams them back; finally
+streams n/5 and n rows through the local-parquet seed loader in fresh processes (flat peak RSS
+means the loader's memory does not grow with the dataset).
 
     python bench/seeds.py                 # 10,000 problems, 448 px, 256-row shards
     python bench/seeds.py --n 2000 --size 384
@@ -13,16 +15,21 @@ one that says what the code costs).
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 from pipeline.seeds import SeedsConfig, iter_seeds
 from pipeline.store import WorkStore
@@ -33,6 +40,46 @@ def timed(fn):
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
     return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+LOADER_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {repo!r})
+import datasets  # imported before timing: the one-off import is not the loader's cost
+from pipeline.seeds import SeedsConfig, iter_seeds
+wall, cpu = time.perf_counter(), time.process_time()
+config = SeedsConfig(kind="local", path={path!r}, n=None)
+n = sum(1 for r in iter_seeds(config) if isinstance(r, dict))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps([n, time.perf_counter() - wall, time.process_time() - cpu, rss]))
+"""
+
+
+def loader_run(records: list[dict], rows: int) -> tuple[int, float, float, float]:
+    """Stream ``rows`` seeds back through the local-parquet loader in a fresh process; its peak
+    RSS should not grow with ``rows`` (the loader streams row groups)."""
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema(
+        [("images", pa.list_(image)), ("problem", pa.string()), ("answer", pa.string())]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "seeds.parquet"
+        with pq.ParquetWriter(path, schema) as out:
+            for start in range(0, rows, 256):
+                chunk = [records[i % len(records)] for i in range(start, min(rows, start + 256))]
+                columns = {
+                    "images": [[{"bytes": r["images"][0]["bytes"], "path": None}] for r in chunk],
+                    "problem": [f"{r['question']} #{start + k}" for k, r in enumerate(chunk)],
+                    "answer": [r["gold_answer"] for r in chunk],
+                }
+                out.write_table(pa.table(columns, schema=schema))
+        code = LOADER_CHILD.format(repo=str(REPO), path=str(path))
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+    n, wall, cpu, rss = json.loads(done.stdout.strip().splitlines()[-1])
+    assert n == rows, (n, rows)
+    return rows, wall, cpu, rss
 
 
 def main() -> None:
@@ -81,6 +128,7 @@ def main() -> None:
         disk = sum(p.stat().st_size for p in Path(tmp).rglob("*.parquet"))
     assert n_read == len(records)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loader_rows = [loader_run(records, rows) for rows in sorted({max(1, args.n // 5), args.n})]
 
     print(f"\n### Seeds bench: {args.n} problems, {args.size} px, seed {args.seed}\n")
     print("| what | items | wall s | items/s (wall) | CPU s | items/s (CPU) | notes |")
@@ -106,6 +154,11 @@ def main() -> None:
         f"| work store read | {n_read} rows | {read_wall:.2f} | {n_read / read_wall:,.0f} | {read_cpu:.2f} | "
         f"{n_read / read_cpu:,.0f} | streamed shard by shard |"
     )
+    for rows, wall, cpu, rss in loader_rows:
+        print(
+            f"| loader, local parquet | {rows} rows | {wall:.2f} | {rows / wall:,.0f} | {cpu:.2f} | "
+            f"{rows / cpu:,.0f} | fresh process, peak RSS {rss:.0f} MiB |"
+        )
     print(
         f"\npeak RSS {peak_mb:.0f} MiB (all {args.n} records are held in memory for the store step)"
     )
