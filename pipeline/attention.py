@@ -32,21 +32,25 @@ Masks are boolean ``[B, L]`` over the sequence given to the model (left or right
 fine; selected queries must be real tokens). Attention dropout, if the model has any, is not
 reflected in the masses (they are the pre-dropout probabilities).
 
+On CPU without gradients the layer output and the row log-sum-exp come from one call of the
+SDPA kernel (the one ``F.scaled_dot_product_attention`` uses there, so outputs stay bitwise
+equal) and only the keys of the sets are scored: ``|Q| x (|I| + |S|)`` work.
+
 The same attention function also applies the inference-time key-column logit scaling of
-:mod:`pipeline.intervention` (a :class:`KeyColumnScale` set on a module), so the lens measures
-an intervened model exactly.
+:mod:`pipeline.intervention` (a ``KeyColumnScale`` set on a module), so the lens measures an
+intervened model exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "avar_sdpa"
@@ -120,8 +124,9 @@ def patched_attention(modules: Sequence[nn.Module], attr: str, values: Sequence[
             cfg._attn_implementation_internal = previous[key]
 
 
-def scaling_keys(modules: Sequence[nn.Module], patch: KeyColumnScale):
-    """Context manager: apply ``patch`` (key-column logit scaling) on ``modules``."""
+def scaling_keys(modules: Sequence[nn.Module], patch) -> AbstractContextManager:
+    """Context manager: route ``modules`` through ``patch`` (see
+    :class:`pipeline.intervention.KeyColumnScale`: ``attention(...)``, ``rows``, ``key_factor``)."""
     return patched_attention(modules, _SCALE_ATTR, [patch] * len(modules))
 
 
@@ -131,134 +136,199 @@ def _register() -> None:
         AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
-@dataclass
-class KeyColumnScale:
-    """Multiply pre-softmax logits of key column ``j`` by ``factor[b, j]`` on rows at or after
-    ``row_start[b]`` (absolute positions; keys beyond ``factor``'s length keep factor 1).
-
-    Scaling logit column ``j`` equals scaling key vector ``k_j``, so the layer output is SDPA on
-    scaled keys (the KV cache keeps the unscaled keys). Query positions are ``kv_len - q_len + i``,
-    which holds for prefill and for decoding with a dynamic cache (``generate``'s default).
-    """
-
-    factor: torch.Tensor  # [B, L0] float
-    row_start: torch.Tensor  # [B] long
-
-    def key_factor(self, kv_len: int, device, dtype) -> torch.Tensor:
-        factor = self.factor.to(device=device, dtype=dtype)
-        if factor.shape[1] >= kv_len:
-            return factor[:, :kv_len]
-        ones = torch.ones(factor.shape[0], kv_len - factor.shape[1], device=device, dtype=dtype)
-        return torch.cat([factor, ones], dim=1)
-
-    def rows(self, positions: torch.Tensor) -> torch.Tensor:
-        """Bool ``[B, n]``: which of these absolute query positions (``[B, n]``) are scaled."""
-        return positions >= self.row_start.to(positions.device)[:, None]
-
-
 def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The registered attention function: SDPA output (+ key scaling) and, if capturing, masses."""
-    scale_patch: KeyColumnScale | None = getattr(module, _SCALE_ATTR, None)
+    patch = getattr(module, _SCALE_ATTR, None)
     capture: Capture | None = getattr(module, _LENS_ATTR, None)
-    if scale_patch is None:
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if capture is not None and capture.kernel_lse and patch is None and _kernel_lse_usable(module, query, key, dropout, kwargs):
+        out, lse = _sdpa_with_lse(module, query, key, value, attention_mask, scale)
+        capture._observe(module, query, key, attention_mask, scale, None, lse)
+        return out, None
+    if patch is None:
         out, weights = sdpa_attention_forward(module, query, key, value, attention_mask,
                                               dropout=dropout, scaling=scaling, **kwargs)
     else:
-        out, weights = _scaled_key_attention(module, query, key, value, attention_mask, scale_patch,
-                                             dropout=dropout, scaling=scaling, **kwargs)
+        out, weights = patch.attention(module, query, key, value, attention_mask,
+                                       dropout=dropout, scaling=scaling, **kwargs)
     if capture is not None:
-        capture._observe(module, query, key, attention_mask,
-                         scaling if scaling is not None else query.shape[-1] ** -0.5, scale_patch)
+        capture._observe(module, query, key, attention_mask, scale, patch, None)
     return out, weights
 
 
-def _scaled_key_attention(module, query, key, value, attention_mask, patch: KeyColumnScale, **kwargs):
-    q_len, kv_len = query.shape[2], key.shape[2]
-    positions = torch.arange(kv_len - q_len, kv_len, device=query.device).expand(query.shape[0], -1)
-    rows = patch.rows(positions)  # [B, q_len]
-    factor = patch.key_factor(kv_len, key.device, key.dtype)
-    scaled, _ = sdpa_attention_forward(module, query, key * factor[:, None, :, None], value,
-                                       attention_mask, **kwargs)
-    if bool(rows.all()):
-        return scaled, None
-    plain, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return torch.where(rows[:, :, None, None], scaled, plain), None  # output is [B, q, H, d]
+def _kernel_lse_usable(module, query, key, dropout, kwargs) -> bool:
+    """Whether the CPU flash kernel can give the layer output and the row log-sum-exp at once
+    (no gradient needed, prefill, no dropout, nothing SDPA-specific in kwargs)."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    return (query.device.type == "cpu" and not needs_grad and not (dropout and module.training)
+            and query.shape[2] == key.shape[2] and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and query.dtype in (torch.float32, torch.bfloat16))
 
 
-def _scores(q, k, bias, logit_factor, scale: float):
-    """Logits of a query chunk: q [B,Hkv,G,c,d], k [B,Hkv,Lk,d] -> [B,Hkv,G,c,Lk] (+ mask)."""
-    b, hkv, g, c, d = q.shape
-    scores = torch.matmul(q.reshape(b, hkv, g * c, d), k.transpose(-1, -2)).view(b, hkv, g, c, -1) * scale
-    if logit_factor is not None:
-        scores = scores * logit_factor[:, None, None]
-    return scores + bias[:, None, None]
+def _sdpa_with_lse(module, query, key, value, attention_mask, scale: float):
+    """What ``sdpa_attention_forward`` computes on CPU (the same kernel, bitwise the same output:
+    ``F.scaled_dot_product_attention`` dispatches there), plus the per-row log-sum-exp."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:  # as SDPA converts a boolean mask
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous(), lse
+
+
+@dataclass
+class _Rows:
+    """The selected query rows of one layer call and what each may attend to.
+
+    Built per chunk of rows and never for all ``|Q| x L`` pairs at once, so memory stays linear
+    in the sequence length (the model's own 4D mask aside).
+    """
+
+    attention_mask: torch.Tensor | None  # the model's 4D mask, or None (SDPA is_causal / full)
+    index: torch.Tensor  # [B, Q] row positions in the query sequence
+    valid: torch.Tensor  # [B, Q] real (non-padding-slot) rows
+    upper_left_causal: bool
+    scaled: torch.Tensor | None = None  # [B, Q] rows under key-column scaling
+    key_factor: torch.Tensor | None = None  # [B, Lk] logit factor per key column
+
+    def allowed(self, rows: slice, keys: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, c, K]``: may row ``rows`` attend to key positions ``keys`` ``[B, K]``."""
+        index = self.index[:, rows]
+        if self.attention_mask is None:
+            if self.upper_left_causal:
+                ok = keys[:, None, :] <= index[:, :, None]
+            else:
+                ok = torch.ones(index.shape + keys.shape[1:], dtype=torch.bool, device=index.device)
+        else:
+            mask = self.attention_mask[:, 0].expand(index.shape[0], -1, -1)  # heads share it
+            batch = torch.arange(index.shape[0], device=index.device)[:, None, None]
+            ok = mask[batch, index[:, :, None], keys[:, None, :]]
+            if ok.dtype != torch.bool:  # additive float mask: very negative means masked
+                ok = ok > torch.finfo(ok.dtype).min / 2
+        return ok & self.valid[:, rows, None]
+
+    def factor(self, rows: slice, keys: torch.Tensor) -> torch.Tensor | None:
+        """Logit factors ``[B, c, K]`` under key-column scaling, or None."""
+        if self.scaled is None:
+            return None
+        column = self.key_factor.gather(1, keys)[:, None, :]
+        return 1.0 + self.scaled[:, rows, None].to(column.dtype) * (column - 1.0)
+
+
+def _chunk_probs(q_scaled, k, spec: _Rows, rows: slice, keys: torch.Tensor):
+    """Softmax over keys of one row chunk: q [B,Hkv,G,c,d] -> ([B,Hkv,G,c,K], has_key [B,c], factor)."""
+    b, hkv, g, c, d = q_scaled.shape
+    scores = torch.matmul(q_scaled.reshape(b, hkv, g * c, d), k.transpose(-1, -2)).view(b, hkv, g, c, -1)
+    factor = spec.factor(rows, keys)
+    if factor is not None:
+        scores.mul_(factor[:, None, None])
+    allowed = spec.allowed(rows, keys)
+    has_key = allowed.any(dim=-1)
+    # a row without any allowed key (padding slot) would make a NaN softmax: let it see every
+    # key and zero its masses afterwards
+    scores.masked_fill_((~allowed & has_key[:, :, None])[:, None, None], float("-inf"))
+    return torch.softmax(scores, dim=-1), has_key, factor
 
 
 class _KeySetMass(torch.autograd.Function):
-    """Masses ``[B, H, Q, n]`` of the selected query rows on ``n`` key sets, chunked over queries.
+    """Masses ``[B, H, Q, n]`` of the selected query rows on ``n`` key sets, chunked over rows.
 
     Hand-written forward and backward (rather than autograd over the chunk code) for two reasons:
     autograd would keep the ``|Q| x L`` probabilities of every layer until backward, and the
-    tensors it needs are kept as ``ctx`` attributes instead of ``save_for_backward`` so they stay
-    invisible to activation checkpointing: a checkpointed layer recomputed during backward, after
-    the capture block has exited, then saves the same tensors as in the original forward. Backward
-    recomputes each chunk's probabilities ``p`` from the saved row log-sum-exp and uses
+    tensors backward needs are kept as ``ctx`` attributes instead of ``save_for_backward`` so they
+    stay invisible to activation checkpointing: a checkpointed layer recomputed during backward,
+    after the capture block has exited, then saves the same tensors as in the original forward.
+    Backward recomputes each chunk's probabilities ``p`` and uses
     ``d mass_A / d s_k = p_k (1[k in A] - mass_A)``.
     """
 
     @staticmethod
-    def forward(ctx, query, key, index, has_key, bias, key_sets, logit_factor, scale, chunk_rows):
+    def forward(ctx, query, key, key_sets, spec: _Rows, scale: float, chunk_rows: int):
         batch, heads, _, head_dim = query.shape
-        kv_heads, n_query = key.shape[1], index.shape[1]
-        groups = heads // kv_heads
-        q_sel = query.gather(2, index[:, None, :, None].expand(batch, heads, n_query, head_dim))
+        kv_heads, n_query = key.shape[1], spec.index.shape[1]
         compute = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 for gradcheck
-        q_sel = q_sel.to(compute).view(batch, kv_heads, groups, n_query, head_dim)
-        k32 = key.to(compute)
-        masses, lses = [], []
+        q_sel = query.gather(2, spec.index[:, None, :, None].expand(batch, heads, n_query, head_dim))
+        q_sel = q_sel.to(compute).view(batch, kv_heads, heads // kv_heads, n_query, head_dim) * scale
+        k_c = key.to(compute)
+        keys = torch.arange(key.shape[2], device=key.device).expand(batch, -1)
+        sets = key_sets.to(compute)[:, None, None]
+        masses, has_keys = [], []
         for start in range(0, n_query, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            scores = _scores(q_sel[:, :, :, rows], k32, bias[:, rows],
-                             None if logit_factor is None else logit_factor[:, rows], scale)
-            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            probs = torch.exp(scores - lse)
-            masses.append(torch.matmul(probs, key_sets[:, None, None]))
-            lses.append(lse)
-        mass = torch.cat(masses, dim=3)  # [B, Hkv, G, Q, n]
-        ctx.stash = (q_sel, key.detach(), index, has_key, bias, key_sets, logit_factor, torch.cat(lses, dim=3),
-                     mass, scale, chunk_rows, query.shape, query.dtype)
+            probs, has_key, _ = _chunk_probs(q_sel[:, :, :, rows], k_c, spec, rows, keys)
+            masses.append(torch.matmul(probs, sets))
+            has_keys.append(has_key)
+        mass, has_key = torch.cat(masses, dim=3), torch.cat(has_keys, dim=1)  # [B,Hkv,G,Q,n], [B,Q]
+        ctx.stash = (q_sel, key.detach(), key_sets, spec, mass, has_key, scale, chunk_rows, query.shape, query.dtype)
         return (mass * has_key[:, None, None, :, None]).reshape(batch, heads, n_query, -1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mass):
-        (q_sel, key, index, has_key, bias, key_sets, logit_factor, lse, mass, scale, chunk_rows,
-         query_shape, query_dtype) = ctx.stash  # kept (not deleted) so retain_graph=True works
-        batch, kv_heads, groups, n_query, head_dim = q_sel.shape
-        k32 = key.to(q_sel.dtype)
+        q_sel, key, key_sets, spec, mass, has_key, scale, chunk_rows, query_shape, query_dtype = ctx.stash
+        batch, kv_heads, groups, n_query, head_dim = q_sel.shape  # stash kept: retain_graph works
+        k_c = key.to(q_sel.dtype)
+        keys = torch.arange(key.shape[2], device=key.device).expand(batch, -1)
+        sets_t = key_sets.to(q_sel.dtype)[:, None, None].transpose(-1, -2)
         grad = grad_mass.to(q_sel.dtype).reshape(mass.shape) * has_key[:, None, None, :, None]
-        grad_q = torch.zeros_like(q_sel)
-        grad_k = torch.zeros_like(k32)
+        grad_q, grad_k = torch.zeros_like(q_sel), torch.zeros_like(k_c)
         for start in range(0, n_query, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            factor = None if logit_factor is None else logit_factor[:, rows]
             q_chunk = q_sel[:, :, :, rows]
-            probs = torch.exp(_scores(q_chunk, k32, bias[:, rows], factor, scale) - lse[:, :, :, rows])
+            probs, _, factor = _chunk_probs(q_chunk, k_c, spec, rows, keys)
             g = grad[:, :, :, rows]
-            per_key = torch.matmul(g, key_sets[:, None, None].transpose(-1, -2))  # [B,Hkv,G,c,Lk]
-            centred = per_key - (g * mass[:, :, :, rows]).sum(-1, keepdim=True)
-            d_logits = probs * centred * scale
+            centred = torch.matmul(g, sets_t) - (g * mass[:, :, :, rows]).sum(-1, keepdim=True)
+            d_logits = probs * centred  # gradient w.r.t. the (scaled) scores
             if factor is not None:
                 d_logits = d_logits * factor[:, None, None]
             c = q_chunk.shape[3]
             flat = d_logits.reshape(batch, kv_heads, groups * c, -1)
-            grad_q[:, :, :, rows] = torch.matmul(flat, k32).view(batch, kv_heads, groups, c, head_dim)
+            grad_q[:, :, :, rows] = torch.matmul(flat, k_c).view(batch, kv_heads, groups, c, head_dim)
             grad_k += torch.matmul(flat.transpose(-1, -2), q_chunk.reshape(batch, kv_heads, groups * c, head_dim))
         heads = kv_heads * groups
         grad_query = torch.zeros(query_shape, dtype=q_sel.dtype, device=q_sel.device)
-        grad_query.scatter_add_(2, index[:, None, :, None].expand(batch, heads, n_query, head_dim),
-                                grad_q.reshape(batch, heads, n_query, head_dim))
-        return grad_query.to(query_dtype), grad_k.to(key.dtype), *([None] * 7)
+        grad_query.scatter_add_(2, spec.index[:, None, :, None].expand(batch, heads, n_query, head_dim),
+                                grad_q.reshape(batch, heads, n_query, head_dim) * scale)
+        return grad_query.to(query_dtype), grad_k.to(key.dtype), None, None, None, None
+
+
+def _masses_from_lse(query, key, lse, key_sets, spec: _Rows, scale: float, chunk_rows: int):
+    """No-grad masses from the kernel's row log-sum-exp: only the keys of the sets are scored,
+    ``mass(q, A) = sum_{k in A} exp(s_qk - lse_q)``, so the cost is ``|Q| x |I u S|``."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads, n_query = key.shape[1], spec.index.shape[1]
+    keys, key_valid = _compact(key_sets.any(dim=-1))  # [B, K] positions of keys in any set
+    k_sel = key.gather(2, keys[:, None, :, None].expand(batch, kv_heads, keys.shape[1], head_dim)).float()
+    sets = (key_sets.gather(1, keys[:, :, None].expand(-1, -1, key_sets.shape[-1])) & key_valid[..., None]).float()
+    q_sel = query.gather(2, spec.index[:, None, :, None].expand(batch, heads, n_query, head_dim)).float() * scale
+    q_sel = q_sel.view(batch, kv_heads, heads // kv_heads, n_query, head_dim)
+    lse_sel = lse.gather(2, spec.index[:, None, :].expand(batch, heads, n_query)).view(q_sel.shape[:-1])
+    finite = torch.isfinite(lse_sel)
+    lse_sel = torch.where(finite, lse_sel, torch.zeros_like(lse_sel))
+    masses = []
+    for start in range(0, n_query, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        q_chunk = q_sel[:, :, :, rows]
+        b, hkv, g, c, d = q_chunk.shape
+        scores = torch.matmul(q_chunk.reshape(b, hkv, g * c, d), k_sel.transpose(-1, -2)).view(b, hkv, g, c, -1)
+        probs = torch.exp(scores - lse_sel[:, :, :, rows, None])
+        probs.masked_fill_(~spec.allowed(rows, keys)[:, None, None], 0.0)
+        masses.append(torch.matmul(probs, sets[:, None, None]))
+    mass = torch.cat(masses, dim=3) * finite[..., None]
+    total = (finite & spec.valid[:, None, None, :]).to(mass.dtype)[..., None]  # a softmax row sums to 1
+    return torch.cat([mass, total], dim=-1).reshape(batch, heads, n_query, -1)
+
+
+def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of True entries, left-aligned: ``([B, K] long, [B, K] valid)``; padding slots 0."""
+    counts = mask.sum(dim=1)
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
 
 
 @dataclass
@@ -277,6 +347,7 @@ class Capture:
     query_index: torch.Tensor
     query_valid: torch.Tensor
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    kernel_lse: bool = True
     _by_layer: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -321,68 +392,42 @@ class Capture:
         """``[B]`` number of keys in set ``name`` (e.g. ``|I|``)."""
         return self.key_masks[name].sum(dim=1)
 
-    def _observe(self, module, query, key, attention_mask, scale: float, patch: KeyColumnScale | None):
+    def _observe(self, module, query, key, attention_mask, scale: float, patch, lse):
         layer = module.layer_idx
         recomputing = torch._C._current_graph_task_id() != -1  # activation checkpointing, in backward
         if layer in self._by_layer and not recomputing:
             raise RuntimeError(f"layer {layer} ran twice inside one capture; capture one forward pass")
         # recomputation must save the same tensors as the original forward, so it computes again;
         # the first result (the one the loss was built from) is kept
-        masses = self._compute(module, query, key, attention_mask, scale, patch)
+        masses = self._compute(module, query, key, attention_mask, scale, patch, lse)
         self._by_layer.setdefault(layer, masses)
 
-    def _compute(self, module, query, key, attention_mask, scale, patch):
-        batch, heads, q_len, head_dim = query.shape
+    def _compute(self, module, query, key, attention_mask, scale, patch, lse):
+        batch, heads, q_len, _ = query.shape
         kv_len = key.shape[2]
         if self.query_mask.shape != (batch, q_len):
             raise ValueError(f"query_mask has shape {tuple(self.query_mask.shape)} but layer "
                              f"{module.layer_idx} sees {batch} sequences of {q_len} tokens")
         device = query.device
-        index = self.query_index.to(device)
-        valid = self.query_valid.to(device)
-        positions = index + (kv_len - q_len)  # absolute key-space position of each query
-        is_causal = getattr(module, "is_causal", True)
+        index, valid = self.query_index.to(device), self.query_valid.to(device)
+        positions = index + (kv_len - q_len)  # key-space position of each query row
+        causal = getattr(module, "is_causal", True)
         # keys after the last selected query are masked under causal attention: skip them
-        k_end = int(positions.max()) + 1 if is_causal and (attention_mask is not None or q_len > 1) else kv_len
-        k_end = max(1, min(kv_len, k_end))
-        allowed = self._allowed_rows(attention_mask, index, positions, q_len, kv_len, k_end, is_causal)
-        allowed &= valid[:, :, None]
-        # a row without any allowed key (padding slot) would give a NaN softmax gradient even when
-        # masked out afterwards: let it see every key and zero its masses at the end instead
-        has_key = allowed.any(dim=-1)
-        bias = torch.zeros(allowed.shape, device=device, dtype=torch.float32)
-        bias.masked_fill_(~allowed & has_key[:, :, None], float("-inf"))
-        key_sets = torch.stack([m.to(device)[:, :k_end] for m in self.key_masks.values()]
-                               + [torch.ones(batch, k_end, dtype=torch.bool, device=device)], dim=-1)
-        key_sets = key_sets.to(torch.float32)
-        logit_factor = None
+        k_end = kv_len
+        if causal and (attention_mask is not None or q_len > 1):
+            k_end = max(1, min(kv_len, int(positions.max()) + 1))
+        spec = _Rows(attention_mask, index, valid, upper_left_causal=attention_mask is None and q_len > 1 and causal)
         if patch is not None:
-            rows = patch.rows(positions).to(torch.float32)[:, :, None]  # [B, Q, 1]
-            col = patch.key_factor(k_end, device, torch.float32)[:, None, :]  # [B, 1, Lk]
-            logit_factor = 1.0 + rows * (col - 1.0)
-
-        chunk_rows = max(1, self.chunk_bytes // max(1, 8 * batch * heads * k_end))
-        return _KeySetMass.apply(query, key[:, :, :k_end], index, has_key, bias, key_sets, logit_factor,
-                                 scale, chunk_rows)
-
-    @staticmethod
-    def _allowed_rows(attention_mask, index, positions, q_len, kv_len, k_end, is_causal) -> torch.Tensor:
-        """Bool ``[B, Q, k_end]``: which keys each selected query may attend to (the model's mask)."""
-        batch, n_query = index.shape
-        device = index.device
-        if attention_mask is None:
-            keys = torch.arange(k_end, device=device)
-            if q_len > 1 and is_causal:  # SDPA's is_causal: upper-left aligned
-                return keys[None, None, :] <= index[:, :, None]
-            return torch.ones(batch, n_query, k_end, dtype=torch.bool, device=device)
-        if attention_mask.dim() != 4:
-            raise ValueError(f"expected a 4D attention mask, got shape {tuple(attention_mask.shape)}")
-        mask = attention_mask[:, 0, :, :k_end]  # shared by heads
-        mask = mask.expand(batch, q_len, k_end)
-        rows = mask.gather(1, index[:, :, None].expand(batch, n_query, k_end))
-        if rows.dtype == torch.bool:
-            return rows
-        return rows > torch.finfo(rows.dtype).min / 2  # additive float mask: very negative = masked
+            spec.scaled = patch.rows(positions)
+            spec.key_factor = patch.key_factor(k_end, device, torch.float32)
+        key_sets = torch.stack([m.to(device)[:, :k_end] for m in self.key_masks.values()], dim=-1)
+        if lse is not None:
+            width = max(1, int(key_sets.any(-1).sum(1).max()))
+            chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * width))
+            return _masses_from_lse(query, key, lse, key_sets, spec, scale, chunk_rows)
+        with_total = torch.cat([key_sets, torch.ones_like(key_sets[..., :1])], dim=-1)
+        chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * k_end))
+        return _KeySetMass.apply(query, key[:, :, :k_end], with_total, spec, scale, chunk_rows)
 
 
 class AttentionLens:
@@ -392,14 +437,17 @@ class AttentionLens:
         model: a transformers decoder or vision-language model (Qwen2 / Qwen2.5-VL family).
         layers: decoder layer indices to observe (negative from the end); None = all.
         chunk_bytes: memory budget for one chunk of selected-query scores (float32).
+        kernel_lse: on CPU without gradients, take the row log-sum-exp from the SDPA kernel and
+            score only the keys of the sets (fast); False always scores whole rows.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int] | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernel_lse: bool = True):
         self.model = model
         self.modules = resolve_layers(decoder_attention_modules(model), layers)
         self.layers = [m.layer_idx for m in self.modules]
         self.chunk_bytes = int(chunk_bytes)
+        self.kernel_lse = bool(kernel_lse)
 
     @contextmanager
     def capture(self, query_mask: torch.Tensor, image_mask: torch.Tensor | None = None,
@@ -417,13 +465,11 @@ class AttentionLens:
                 sets[name] = _bool_mask(label, mask, query_mask.shape)
         if "total" in sets:
             raise ValueError("'total' is reserved for the mass on all keys")
+        if not sets:
+            raise ValueError("give at least one key set (image_mask, system_mask or key_masks)")
         query_mask = _bool_mask("query_mask", query_mask, query_mask.shape)
-        counts = query_mask.sum(dim=1)
-        width = max(1, int(counts.max())) if counts.numel() else 1
-        # stable sort puts selected positions first, in sequence order
-        order = torch.sort((~query_mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        valid = torch.arange(width, device=query_mask.device)[None, :] < counts[:, None]
-        cap = Capture(self.layers, query_mask, sets, torch.where(valid, order, 0), valid, self.chunk_bytes)
+        index, valid = _compact(query_mask)
+        cap = Capture(self.layers, query_mask, sets, index, valid, self.chunk_bytes, self.kernel_lse)
         with patched_attention(self.modules, _LENS_ATTR, [cap] * len(self.modules)):
             yield cap
 

@@ -12,7 +12,7 @@ including it (system prompt, image tokens) are untouched, and a sample without i
 not changed at all. Every decoding step's query row is after the image, so the scaling applies
 to everything generated. Scaling logit column ``j`` equals scaling key vector ``k_j``; the KV
 cache keeps the original keys, the scaling happens inside attention (see
-:class:`pipeline.attention.KeyColumnScale`). With ``a_img = a_sys = 0`` the model's outputs are
+:class:`KeyColumnScale`). With ``a_img = a_sys = 0`` the model's outputs are
 bitwise those of the SDPA model. It composes with the lens: a capture taken inside the block
 measures the intervened attention.
 """
@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipeline.attention import KeyColumnScale, decoder_attention_modules, resolve_layers, scaling_keys
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from pipeline.attention import decoder_attention_modules, resolve_layers, scaling_keys
 
 NEVER = torch.iinfo(torch.long).max
 
@@ -47,6 +49,44 @@ class InterventionConfig:
             raise ValueError(f"a_img must be > -1 (the image logit factor 1 + a_img must stay positive), got {self.a_img}")
         if not self.a_sys < 1:
             raise ValueError(f"a_sys must be < 1 (the system logit factor 1 - a_sys must stay positive), got {self.a_sys}")
+
+
+@dataclass
+class KeyColumnScale:
+    """Multiply pre-softmax logits of key column ``j`` by ``factor[b, j]`` on rows at or after
+    ``row_start[b]`` (absolute positions; keys beyond ``factor``'s length keep factor 1).
+
+    Installed on attention modules by :func:`pipeline.attention.scaling_keys`; the lens reads
+    :meth:`rows` and :meth:`key_factor` to measure the scaled attention exactly. Query positions
+    are ``kv_len - q_len + i``, true for prefill and for decoding with a dynamic cache.
+    """
+
+    factor: torch.Tensor  # [B, L0] float32
+    row_start: torch.Tensor  # [B] long
+
+    def key_factor(self, kv_len: int, device, dtype) -> torch.Tensor:
+        factor = self.factor.to(device=device, dtype=dtype)
+        if factor.shape[1] >= kv_len:
+            return factor[:, :kv_len]
+        ones = torch.ones(factor.shape[0], kv_len - factor.shape[1], device=device, dtype=dtype)
+        return torch.cat([factor, ones], dim=1)
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, n]``: which of these absolute query positions (``[B, n]``) are scaled."""
+        return positions >= self.row_start.to(positions.device)[:, None]
+
+    def attention(self, module, query, key, value, attention_mask, **kwargs):
+        """SDPA with scaled keys on the scaled rows (scaling logit column j = scaling key k_j)."""
+        q_len, kv_len = query.shape[2], key.shape[2]
+        positions = torch.arange(kv_len - q_len, kv_len, device=query.device).expand(query.shape[0], -1)
+        rows = self.rows(positions)  # [B, q_len]
+        factor = self.key_factor(kv_len, key.device, key.dtype)
+        scaled, _ = sdpa_attention_forward(module, query, key * factor[:, None, :, None], value,
+                                           attention_mask, **kwargs)
+        if bool(rows.all()):
+            return scaled, None
+        plain, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return torch.where(rows[:, :, None, None], scaled, plain), None  # output is [B, q, H, d]
 
 
 def rows_after_image(image_mask: torch.Tensor) -> torch.Tensor:

@@ -69,16 +69,18 @@ def assert_close(got, ref, tol=REL_TOL):
     assert float((got - ref).abs().max() / scale) <= tol, float((got - ref).abs().max() / scale)
 
 
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("query_span", ["user", "response"])
-def test_masses_match_eager_attention(padding_side, query_span):
+@pytest.mark.parametrize("padding_side, query_span, kernel_lse", [
+    ("left", "user", True), ("right", "response", True), ("left", "response", False), ("right", "user", False)])
+def test_masses_match_eager_attention(padding_side, query_span, kernel_lse):
+    """Both paths: row log-sum-exp from the SDPA kernel, and whole rows scored by the lens."""
     model, eager, processor = tiny_models()
     inputs, spans = chat_batch(processor, padding_side)
     query = getattr(spans, query_span)
     assert bool((inputs["attention_mask"] == 0).any()), "the batch must contain padding"
     layers = [0, 2, 3]
     with torch.no_grad():
-        with AttentionLens(model, layers=layers).capture(query, spans.image, spans.system) as cap:
+        lens = AttentionLens(model, layers=layers, kernel_lse=kernel_lse)
+        with lens.capture(query, spans.image, spans.system) as cap:
             model(**inputs)
         for name, keys in (("image", spans.image), ("system", spans.system)):
             assert_close(cap.dense(name), eager_masses(eager, inputs, query, keys, layers))
@@ -128,7 +130,7 @@ def test_unpadded_single_sample_and_tiny_chunks_agree_with_eager():
     inputs, spans = chat_batch(processor, samples=SAMPLES[1:2])
     assert bool(inputs["attention_mask"].all())
     with torch.no_grad():
-        lens = AttentionLens(model, layers=[-1], chunk_bytes=1)
+        lens = AttentionLens(model, layers=[-1], chunk_bytes=1, kernel_lse=False)
         with lens.capture(spans.response, spans.image, spans.system) as cap:
             model(**inputs)
         assert_close(cap.dense("image"), eager_masses(eager, inputs, spans.response, spans.image, [3]))
@@ -235,21 +237,21 @@ def test_misuse_is_reported_clearly():
 
 def test_key_set_mass_backward_passes_gradcheck():
     """The hand-written backward against finite differences (float64, GQA, logit scaling,
-    chunking, a padding query slot and masked keys)."""
-    from pipeline.attention import _KeySetMass
+    chunking, a padding query slot and a masked key)."""
+    from pipeline.attention import _KeySetMass, _Rows
 
     gen = torch.Generator().manual_seed(0)
-    batch, heads, kv_heads, length, dim = 2, 4, 2, 7, 3
+    batch, heads, kv_heads, length, dim = 2, 2, 1, 5, 2
     query = torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
     key = torch.randn(batch, kv_heads, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
-    index = torch.tensor([[2, 4, 6], [5, 6, 0]])
-    has_key = torch.tensor([[True, True, True], [True, True, False]])
-    allowed = torch.arange(length)[None, None, :] <= index[:, :, None]
-    allowed[0, :, 0] = False  # a masked (padding) key
-    bias = torch.zeros(batch, 3, length, dtype=torch.float64).masked_fill(~allowed & has_key[..., None], float("-inf"))
+    mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
+    mask[0, :, :, 0] = False  # a padding key
     key_sets = (torch.rand(batch, length, 2, generator=gen) > 0.5).to(torch.float64)
-    factor = 1 + 0.3 * torch.rand(batch, 3, length, generator=gen, dtype=torch.float64)
-    for logit_factor in (None, factor):
+    index, valid = torch.tensor([[2, 3, 4], [3, 4, 0]]), torch.tensor([[True, True, True], [True, True, False]])
+    for scaled in (False, True):
+        spec = _Rows(mask, index, valid, upper_left_causal=False)
+        if scaled:
+            spec.scaled = torch.tensor([[False, True, True], [True, True, True]])
+            spec.key_factor = 1 + 0.3 * torch.rand(batch, length, generator=gen, dtype=torch.float64)
         assert torch.autograd.gradcheck(
-            lambda q, k, f=logit_factor: _KeySetMass.apply(q, k, index, has_key, bias, key_sets, f, 0.5, 2),
-            (query, key))
+            lambda q, k, spec=spec: _KeySetMass.apply(q, k, key_sets, spec, 0.5, 2), (query, key))
