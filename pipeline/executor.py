@@ -15,6 +15,11 @@ from pipeline.records import Reject, RecordError, validate, validate_sample
 from pipeline.store import StageStore
 
 
+# Reject reasons that say "the teacher was unavailable", not "the record is bad": re-runs retry them.
+TRANSIENT_REASONS = frozenset({"teacher_failed", "teacher_timeout", "teacher_rate_limited",
+                               "teacher_malformed"})
+
+
 class Stage(Protocol):
     name: str
 
@@ -69,13 +74,15 @@ def pending(inputs: Iterable[dict], done: set[str], report: StageReport) -> Iter
 
 
 def run_stage(stage: Stage, out: StageStore, inputs: Iterable[dict], shard_size: int = 256,
-              progress=None) -> StageReport:
+              progress=None, retry_reasons: Iterable[str] = TRANSIENT_REASONS) -> StageReport:
     """Run ``stage`` over ``inputs`` not yet in ``out``; one atomic shard per batch.
 
+    Records rejected earlier for a transient reason (``retry_reasons``: a teacher that timed out or
+    kept failing) are tried again; the request cache makes that free for what already succeeded.
     ``progress`` is an optional callable ``(n_done_in_batch) -> None`` (tqdm/rich update).
     """
     report = StageReport(stage.name)
-    done = out.done_ids()
+    done = out.done_ids(retry_reasons)
     for batch in batched(pending(inputs, done, report), shard_size):
         outputs = stage.run(batch)
         if len(outputs) != len(batch):

@@ -61,12 +61,29 @@ class StageStore:
     def shards(self) -> list[Path]:
         return sorted(self.dir.glob(SHARD_GLOB))
 
-    def done_ids(self) -> set[str]:
-        """Ids with a result or a reject in this stage (reads only the id column)."""
-        done: set[str] = set()
-        for shard in self.shards():
-            done.update(pq.read_table(shard, columns=["id"]).column("id").to_pylist())
-        return done
+    def _latest(self) -> dict[str, tuple[int, str]]:
+        """id -> (index of the shard holding its newest entry, kind). Reads only two columns."""
+        latest: dict[str, tuple[int, str]] = {}
+        for i, shard in enumerate(self.shards()):
+            table = pq.read_table(shard, columns=["id", "kind"])
+            for rid, kind in zip(table.column("id").to_pylist(), table.column("kind").to_pylist(), strict=True):
+                latest[rid] = (i, kind)
+        return latest
+
+    def done_ids(self, retry_reasons: Iterable[str] = ()) -> set[str]:
+        """Ids with a result or a final reject in this stage (reads only the id/kind columns).
+
+        Ids whose newest entry is a reject with a reason in ``retry_reasons`` (transient teacher
+        failures) are not done: a re-run tries them again, and the newer entry supersedes the reject.
+        """
+        retry = set(retry_reasons)
+        if not retry:
+            done: set[str] = set()
+            for shard in self.shards():
+                done.update(pq.read_table(shard, columns=["id"]).column("id").to_pylist())
+            return done
+        retryable = {rej["id"] for rej in self.iter_rejects() if rej.get("reason") in retry}
+        return set(self._latest()) - retryable
 
     def write(self, results: Iterable[dict], rejects: Iterable[Reject | dict] = ()) -> Path | None:
         """Atomically write one shard with these results and rejects. Returns its path."""
@@ -101,9 +118,13 @@ class StageStore:
         return final
 
     def _iter(self, kind: str, columns: list[str]) -> Iterator[dict]:
-        for shard in self.shards():
-            frame = pl.read_parquet(shard, columns=columns).filter(pl.col("kind") == kind)
+        # Only an id's newest entry counts (a retried transient reject is superseded).
+        latest = self._latest()
+        for i, shard in enumerate(self.shards()):
+            frame = pl.read_parquet(shard, columns=["id", *columns]).filter(pl.col("kind") == kind)
             for row in frame.iter_rows(named=True):
+                if latest.get(row["id"], (i,))[0] != i:
+                    continue
                 meta = json.loads(row["payload"])
                 yield _join_images(meta, row["images"]) if kind == "result" else meta
 
@@ -116,10 +137,8 @@ class StageStore:
 
     def counts(self) -> dict[str, int]:
         out = {"result": 0, "reject": 0}
-        for shard in self.shards():
-            kinds = pq.read_table(shard, columns=["kind"]).column("kind").to_pylist()
-            for k in kinds:
-                out[k] += 1
+        for _, kind in self._latest().values():
+            out[kind] += 1
         return out
 
     def reject_reasons(self) -> dict[str, int]:

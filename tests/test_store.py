@@ -120,3 +120,34 @@ def test_lock_refuses_live_owner_and_recovers_stale(tmp_path):
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
     lock.release()
     assert not lock_file.exists()
+
+
+def test_transient_rejects_are_retried_and_superseded(tmp_path, monkeypatch):
+    from pipeline import executor
+    monkeypatch.setattr(executor, "check_output", lambda name, out: out)
+
+    class Flaky:
+        name = "flaky"
+
+        def __init__(self, down):
+            self.down, self.calls = down, 0
+
+        def run(self, batch):
+            self.calls += len(batch)
+            return [Reject(r["id"], self.name, "teacher_timeout", "down") if self.down
+                    else Reject(r["id"], self.name, "format_invalid", "bad") if r["id"].endswith("3")
+                    else dict(r, ok=True) for r in batch]
+
+    st = WorkStore(tmp_path).stage("flaky")
+    inputs = [rec(i) for i in range(1, 5)]
+    run_stage(Flaky(down=True), st, inputs)
+    assert st.counts() == {"result": 0, "reject": 4}
+    second = Flaky(down=False)
+    run_stage(second, st, inputs)
+    assert second.calls == 4, "transient rejects are tried again"
+    assert st.counts() == {"result": 3, "reject": 1}
+    assert st.reject_reasons() == {"format_invalid": 1}
+    assert sorted(r["id"] for r in st.iter_records()) == sorted(r["id"] for r in inputs if not r["id"].endswith("3"))
+    third = Flaky(down=True)
+    run_stage(third, st, inputs)
+    assert third.calls == 0, "final rejects and results are done"
