@@ -3,8 +3,8 @@
 Generates ``--n`` problems (families round-robin, difficulties 1-5) on one core, timing each
 family; runs the programmatic teacher's three stages over them; writes them to a fresh
 :class:`pipeline.store.WorkStore` in ``--shard``-row shards and streams them back; finally
-streams n/5 and n rows through the local-parquet seed loader in fresh processes (flat peak RSS
-means the loader's memory does not grow with the dataset).
+streams n/5 and n rows through the local-parquet seed loader in fresh processes, reporting peak
+RSS after the first 1,000 rows and at the end (equal = memory does not grow with the dataset).
 
     python bench/seeds.py                 # 10,000 problems, 448 px, 256-row shards
     python bench/seeds.py --n 2000 --size 384
@@ -49,13 +49,18 @@ import datasets  # imported before timing: the one-off import is not the loader'
 from pipeline.seeds import SeedsConfig, iter_seeds
 wall, cpu = time.perf_counter(), time.process_time()
 config = SeedsConfig(kind="local", path={path!r}, n=None)
-n = sum(1 for r in iter_seeds(config) if isinstance(r, dict))
+n, warm = 0, None
+for r in iter_seeds(config):
+    n += isinstance(r, dict)
+    if n == {warm_rows}:  # after warm-up (first row groups, arrow pools): later growth = a leak
+        warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps([n, time.perf_counter() - wall, time.process_time() - cpu, rss]))
+print(json.dumps([n, time.perf_counter() - wall, time.process_time() - cpu, warm or rss, rss]))
 """
+WARM_ROWS = 1000
 
 
-def loader_run(records: list[dict], rows: int) -> tuple[int, float, float, float]:
+def loader_run(records: list[dict], rows: int) -> tuple[int, float, float, float, float]:
     """Stream ``rows`` seeds back through the local-parquet loader in a fresh process; its peak
     RSS should not grow with ``rows`` (the loader streams row groups)."""
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -73,13 +78,13 @@ def loader_run(records: list[dict], rows: int) -> tuple[int, float, float, float
                     "answer": [r["gold_answer"] for r in chunk],
                 }
                 out.write_table(pa.table(columns, schema=schema))
-        code = LOADER_CHILD.format(repo=str(REPO), path=str(path))
+        code = LOADER_CHILD.format(repo=str(REPO), path=str(path), warm_rows=WARM_ROWS)
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
-    n, wall, cpu, rss = json.loads(done.stdout.strip().splitlines()[-1])
+    n, wall, cpu, warm, rss = json.loads(done.stdout.strip().splitlines()[-1])
     assert n == rows, (n, rows)
-    return rows, wall, cpu, rss
+    return rows, wall, cpu, warm, rss
 
 
 def main() -> None:
@@ -128,7 +133,9 @@ def main() -> None:
         disk = sum(p.stat().st_size for p in Path(tmp).rglob("*.parquet"))
     assert n_read == len(records)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    loader_rows = [loader_run(records, rows) for rows in sorted({max(1, args.n // 5), args.n})]
+    loader_rows = [
+        loader_run(records, rows) for rows in sorted({max(WARM_ROWS, args.n // 5), args.n})
+    ]
 
     print(f"\n### Seeds bench: {args.n} problems, {args.size} px, seed {args.seed}\n")
     print("| what | items | wall s | items/s (wall) | CPU s | items/s (CPU) | notes |")
@@ -154,10 +161,11 @@ def main() -> None:
         f"| work store read | {n_read} rows | {read_wall:.2f} | {n_read / read_wall:,.0f} | {read_cpu:.2f} | "
         f"{n_read / read_cpu:,.0f} | streamed shard by shard |"
     )
-    for rows, wall, cpu, rss in loader_rows:
+    for rows, wall, cpu, warm, rss in loader_rows:
         print(
             f"| loader, local parquet | {rows} rows | {wall:.2f} | {rows / wall:,.0f} | {cpu:.2f} | "
-            f"{rows / cpu:,.0f} | fresh process, peak RSS {rss:.0f} MiB |"
+            f"{rows / cpu:,.0f} | fresh process; peak RSS {warm:.0f} MiB after {WARM_ROWS} rows, "
+            f"{rss:.0f} MiB at the end |"
         )
     print(
         f"\npeak RSS {peak_mb:.0f} MiB (all {args.n} records are held in memory for the store step)"
