@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import pyarrow.parquet as pq
 
@@ -246,10 +247,10 @@ class PrefectServer:
         except httpx.HTTPError:
             return False
 
-    def __enter__(self) -> PrefectServer:
+    def __enter__(self) -> Self:
         self.home.mkdir(parents=True, exist_ok=True)
         port = self.api_url.rsplit(":", 1)[1].split("/")[0]
-        log = open(self.home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
+        log = open(self.home / "server.log", "w")  # lives as long as the server
         self.proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
                                      cwd=self.home, env=flow_env(self.home / "home", self.api_url),
                                      stdout=log, stderr=subprocess.STDOUT)
@@ -264,6 +265,13 @@ class PrefectServer:
 
 
 # --------------------------------------------------------------------------- outputs
+
+def seed_records(overrides: list[str], config: Path = CI_CONFIG) -> list[dict]:
+    """The seeds a flow run on ``config`` + ``overrides`` will generate (to register them)."""
+    from pipeline.config import load_synth_config
+    from pipeline.seeds import iter_seeds
+    return [s for s in iter_seeds(load_synth_config(config, overrides).seeds) if isinstance(s, dict)]
+
 
 def published_rows(out_dir: Path) -> dict[str, dict]:
     """Published rows by id over every split, each row with its split name."""

@@ -21,10 +21,7 @@ import subprocess
 
 import pytest
 
-from pipeline.config import load_synth_config
-from pipeline.seeds import iter_seeds
 from tests.reliability_utils import (
-    CI_CONFIG,
     MODELS,
     REPO,
     RETRYABLE_FAULTS,
@@ -39,6 +36,7 @@ from tests.reliability_utils import (
     output_overrides,
     published_rows,
     quiesce_teacher,
+    seed_records,
     spawn_flow,
     stage_ids,
     wait_until,
@@ -56,13 +54,8 @@ def prefect_api(tmp_path_factory):
         yield server.api_url
 
 
-def seed_records(overrides: list[str]) -> list[dict]:
-    config = load_synth_config(CI_CONFIG, overrides)
-    return [s for s in iter_seeds(config.seeds) if isinstance(s, dict)]
-
-
 def run_to_completion(overrides: list[str], env: dict, log) -> None:
-    proc = subprocess.run(flow_command(overrides), cwd=REPO, env=env, stdout=log,
+    proc = subprocess.run(flow_command(overrides), check=False, cwd=REPO, env=env, stdout=log,
                           stderr=subprocess.STDOUT, timeout=400)
     assert proc.returncode == 0, f"flow failed (rc {proc.returncode}), see {log.name}"
 
