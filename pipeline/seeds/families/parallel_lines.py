@@ -104,9 +104,11 @@ def parallel_angle(rng: random.Random, level: int, size: int) -> Draft:
             up = pos.startswith("top")
             along = (vx + ray[pos][0] * 50, vy)
             trans = (vx + (d[0] if up else -d[0]) * 50, vy + (d[1] if up else -d[1]) * 50)
-            text = f"{values[pos]}°" if (inter, pos) == given_key else str(num)
             color = MARK if (inter, pos) == given_key else (30, 90, 200)
-            box, _ = arc(cv, (vx, vy), along, trans, text, 22, color=color)
+            box, _ = arc(cv, (vx, vy), along, trans, str(num), 22, color=color)
+            if (inter, pos) == given_key:  # its number as usual, its value further out
+                where = polar(vx, vy, cv.px(64), bisector[pos])
+                box = union(box, cv.text(where, f"{values[pos]}°", size=14, fill=color))
         else:
             box = cv.text(
                 polar(vx, vy, cv.px(30), bisector[pos]), str(num), size=14, fill=(90, 90, 90)

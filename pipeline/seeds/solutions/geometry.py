@@ -239,11 +239,19 @@ def describe(scene: dict) -> str:
     els = scene["elements"]
     pts = [e["attrs"]["name"] for e in els if e["kind"] == "point"]
     lines = [e["label"] for e in els if e["kind"] == "line"]
+    angles = [e for e in els if e["kind"] == "angle"]
     marks = [
-        f"{e['label']}: {e['attrs'].get('marked') or (str(e['attrs']['value']) + '°' if e['attrs'].get('value') is not None else 'numbered, no value')}"
-        for e in els
-        if e["kind"] == "angle"
+        f"{e['label']}: {e['attrs'].get('marked') or str(e['attrs']['value']) + '°'}"
+        for e in angles
+        if e["attrs"].get("marked") or e["attrs"].get("value") is not None
     ]
+    numbered = [
+        e["label"]
+        for e in angles
+        if e not in [a for a in angles if a["label"] in [m.split(":")[0] for m in marks]]
+    ]
+    if numbered:
+        marks.append(f"numbered without a value: {', '.join(numbered)}")
     lengths = [
         f"{e['label']}: {num(e['attrs']['length']) if e['attrs'].get('length') is not None else '?'}"
         for e in els
@@ -287,7 +295,8 @@ def describe(scene: dict) -> str:
         ),
     }
     return sections(
-        f"A geometry diagram on a white background: {kind}. Labels: {', '.join(pts + [m.split(':')[0] for m in marks if 'marked' not in m])}.",
+        f"A geometry diagram on a white background: {kind}. It labels the points "
+        f"{', '.join(pts)}, carries {len(angles)} angle mark(s) and {len(lengths)} length label(s).",
         parts,
         links[scene["task"]],
         f"{kind[0].upper()}{kind[1:]}; " + "; ".join(marks + lengths) + ".",
