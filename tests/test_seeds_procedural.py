@@ -257,3 +257,16 @@ def test_generate_problem_refuses_unknown_family_and_level():
 )
 def test_numbers_are_written_as_people_write_them(value, text):
     assert fmt_number(value) == text
+
+
+def test_preview_cli_writes_images_records_and_texts(tmp_path):
+    import json
+
+    from pipeline.seeds.__main__ import main
+
+    main(["--out", str(tmp_path), "--n", "2", "--families", "counting", "--difficulty", "2", "2"])
+    pngs, jsons = sorted(tmp_path.glob("*.png")), sorted(tmp_path.glob("*.json"))
+    assert [p.stem for p in pngs] == ["0000-counting-L2", "0001-counting-L2"] == [j.stem for j in jsons]
+    meta = json.loads(jsons[0].read_text())
+    assert set(meta["programmatic"]) == {"describe", "reason", "anchor"} and "bytes" not in meta["images"][0]
+    assert Image.open(pngs[0]).size == (448, 448)
