@@ -32,7 +32,7 @@ PAIRS = [("0.5", "1/2", "number"), ("40°", "40", "number"), ("5 cm^2", "5", "nu
 
 
 def bench_stages(n: int) -> None:
-    records = list(iter_procedural(SeedsConfig(n=n, image_size=256)))
+    records = list(iter_procedural(SeedsConfig(n=n, image_size=320)))
     print(f"\n### Teacher stages, programmatic teacher, {n} procedural seeds\n")
     print("| stage | cache | ms / sample |\n|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -202,7 +202,7 @@ def test_programmatic_teacher_over_procedural_seeds_end_to_end(tmp_path):
     from pipeline.seeds.procedural import iter_procedural
     from pipeline.verify import VerifyStage
 
-    records = list(iter_procedural(SeedsConfig(n=8, image_size=256)))
+    records = list(iter_procedural(SeedsConfig(n=8, image_size=320)))
     cache = RequestCache(tmp_path / "requests.sqlite")
     out = records
     for name in ("describe", "reason", "anchor"):

@@ -37,7 +37,7 @@ TEACHER_REASONS = {"teacher_failed", "teacher_timeout", "teacher_rate_limited", 
 
 
 def seeds(n: int) -> list[dict]:
-    return list(iter_procedural(SeedsConfig(n=n, image_size=256)))
+    return list(iter_procedural(SeedsConfig(n=n, image_size=320)))
 
 
 def answer_text(call: ChatCall) -> str:

@@ -166,7 +166,7 @@ def test_process_mode_register_stats_and_kill(tmp_path):
 def test_default_responder_is_the_programmatic_teacher():
     programmatic = pytest.importorskip("pipeline.teachers.programmatic")
     procedural = pytest.importorskip("pipeline.seeds.procedural")
-    seed = procedural.generate_problem("counting", seed=3, difficulty=1, image_size=256)
+    seed = procedural.generate_problem("counting", seed=3, difficulty=1, image_size=320)
     image = seed["images"][0]["bytes"]
     direct_teacher = programmatic.ProgrammaticTeacher(TeacherConfig())
     with TeacherServer() as server:
