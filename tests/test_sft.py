@@ -190,3 +190,13 @@ def test_frozen_vision_tower_keeps_its_weights(tmp_path, tiny_model_and_processo
     assert tower and merger
     assert all(torch.equal(before[k], after[k]) for k in tower)
     assert any(not torch.equal(before[k], after[k]) for k in merger)
+
+
+def test_evaluation_logs_the_parts_and_outputs_come_from_a_separate_pass(tmp_path):
+    trainer = sft.build_trainer(config(tmp_path, "--eval_split", "eval", "--max_steps", "1"))
+    metrics = trainer.evaluate()
+    assert metrics["eval_l_enh"] > 0 and metrics["eval_l_sup"] < 0 and metrics["eval_vas"] > 0
+    batch = trainer._prepare_inputs(trainer.data_collator([dict(r) for r in trainer.train_dataset.select(range(2))]))
+    with torch.no_grad():
+        loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert torch.isfinite(loss) and outputs.logits.shape[:2] == batch["input_ids"].shape

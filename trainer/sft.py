@@ -29,6 +29,7 @@ from trainer.data import load_table, sft_dataset, strip_nulls
 from trainer.models import load_for_training
 
 logger = logging.getLogger("trainer.sft")
+PARTS = ("lm_loss", "l_enh", "l_sup", "vas", "agto_samples")
 
 
 class AVARVisionCollator(DataCollatorForVisionLanguageModeling):
@@ -50,42 +51,51 @@ class AGTOTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         config: AGTOConfig = self.args
-        mode = "train" if self.model.training else "eval"
         # TRL's LM loss is a share of the whole accumulated batch when num_items_in_batch is given;
         # the AGTO terms are per-micro-batch means, so they are spread over the accumulation steps
         # the same way TRL spreads its auxiliary loss.
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        lm_scale = steps / (self.accelerator.num_processes if self.args.average_tokens_across_devices
+        lm_scale = steps / (self.accelerator.num_processes if config.average_tokens_across_devices
                             and num_items_in_batch is not None else 1)
-        if self._lens is None:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = result[0] if return_outputs else result
-            self._metrics[mode]["lm_loss"].append(loss.detach().item() * lm_scale)
-            return result
+        nan = float("nan")
+        spans = None
+        if self._lens is not None:
+            spans = compute_spans(inputs["input_ids"], inputs.get("attention_mask"), self._special_tokens)
+        if spans is None or not bool(spans.image.any()):  # plain SFT, or no image in this micro-batch
+            lm_loss = super().compute_loss(model, inputs, False, num_items_in_batch)
+            loss, parts = lm_loss, (lm_loss.detach() * lm_scale, nan, nan, nan, 0.0)
+        else:
+            # the lens observes the very forward pass that produces the LM loss
+            with self._lens.capture(spans.user, image_mask=spans.image, system_mask=spans.system) as capture:
+                lm_loss = super().compute_loss(model, inputs, False, num_items_in_batch)
+            l_enh, l_sup = agto_terms(capture, eps=config.eps, reduction="mean")
+            loss = lm_loss + (config.alpha * l_enh + config.beta * l_sup) / steps
+            applies = agto_applies(capture)
+            with torch.no_grad():
+                vas = vas_ratio(capture, eps=config.eps)[applies]
+            parts = (lm_loss.detach() * lm_scale, l_enh.detach(), l_sup.detach(),
+                     vas.mean() if vas.numel() else nan, float(applies.sum()))
+        self._log_parts(parts)
+        if return_outputs:  # outside the capture: TRL's own path would run a second forward in it
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, outputs
+        return loss
 
-        spans = compute_spans(inputs["input_ids"], inputs.get("attention_mask"), self._special_tokens)
-        has_image = spans.image.any(dim=1)
-        if not bool(has_image.any()):  # AGTO is skipped for samples without images
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = result[0] if return_outputs else result
-            self._metrics[mode]["lm_loss"].append(loss.detach().item() * lm_scale)
-            return result
-        with self._lens.capture(spans.user, image_mask=spans.image, system_mask=spans.system) as capture:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        lm_loss, outputs = (result[0], result[1]) if return_outputs else (result, None)
-        l_enh, l_sup = agto_terms(capture, eps=config.eps, reduction="mean")
-        loss = lm_loss + (config.alpha * l_enh + config.beta * l_sup) / steps
-
-        applies = agto_applies(capture)
-        with torch.no_grad():
-            vas = vas_ratio(capture, eps=config.eps)[applies]
-        self._metrics[mode]["lm_loss"].append(lm_loss.detach().item() * lm_scale)
-        self._metrics[mode]["l_enh"].append(l_enh.detach().item())
-        self._metrics[mode]["l_sup"].append(l_sup.detach().item())
-        self._metrics[mode]["agto_samples"].append(float(applies.sum()))
-        if vas.numel():
-            self._metrics[mode]["vas"].append(vas.mean().item())
-        return (loss, outputs) if return_outputs else loss
+    def _log_parts(self, parts: tuple) -> None:
+        """Average the loss parts over processes (every rank calls this once per micro-batch, so the
+        collective stays in step even when only some ranks had images)."""
+        mode = "train" if self.model.training else "eval"
+        values = torch.tensor([float(p) for p in parts], device=self.accelerator.device)
+        gathered = self.accelerator.gather(values[None]).view(-1, len(PARTS))
+        for name, column in zip(PARTS, gathered.T, strict=True):
+            if name == "agto_samples":
+                if self._lens is not None:
+                    self._metrics[mode][name].append(float(column.sum()))
+                continue
+            finite = column[torch.isfinite(column)]
+            if finite.numel():
+                self._metrics[mode][name].append(float(finite.mean()))
 
 
 def build_trainer(config: AGTOConfig, callbacks: list | None = None) -> AGTOTrainer:
