@@ -23,8 +23,8 @@ import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -66,7 +66,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
@@ -385,3 +385,58 @@ class RunConfig:
 
     def request_cache_path(self) -> Path:
         return Path(self.cache_path) if self.cache_path else Path(self.store_dir) / "requests.sqlite"
+
+
+# --------------------------------------------------------------------------- the synthesis run
+# Imported here, after the generic loader, so that the modules below could use it themselves.
+from pipeline.filter import FilterConfig
+from pipeline.publish import PublishConfig
+from pipeline.seeds.config import SeedsConfig
+from pipeline.stages import StageConfig
+from pipeline.vas import VASConfig
+
+
+@dataclass
+class StagesConfig:
+    """The three teacher stages (SPEC VARD), each with its own teacher, prompt and sampling."""
+
+    describe: StageConfig = field(default_factory=StageConfig, metadata={
+        "help": "Structured image description (paper teacher: Gemini-2.5-Pro)."})
+    reason: StageConfig = field(default_factory=StageConfig, metadata={
+        "help": "Long chain of thought with self-reflection (paper teacher: Qwen3-235B-A22B)."})
+    anchor: StageConfig = field(default_factory=StageConfig, metadata={
+        "help": "Rewrite that returns to the image at visual steps (paper teacher: Qwen3-32B)."})
+
+
+# Fields of other modules' configs that do not change the data (left out of the digest).
+VOLATILE_FIELDS = ("max_concurrency", "timeout_s", "max_retries", "backoff_base_s", "backoff_max_s",
+                   "base_url", "api_key_env", "price_input_per_mtok", "price_output_per_mtok",
+                   "batch_size", "device", "progress", "push", "private", "revision", "out_dir",
+                   "cards_dir", "exports_dir", "repo_id")
+
+
+@dataclass
+class SynthConfig:
+    """Everything a synthesis run needs; one YAML file (configs/*.yaml)."""
+
+    run: RunConfig = field(default_factory=RunConfig, metadata={
+        "help": "Execution: work store, shards, task runner, retries (does not change the data)."})
+    seeds: SeedsConfig = field(default_factory=SeedsConfig, metadata={
+        "help": "Where seed problems come from (procedural generator, local dataset, Hub)."})
+    stages: StagesConfig = field(default_factory=StagesConfig, metadata={
+        "help": "Teacher stages describe, reason, anchor."})
+    vas: VASConfig = field(default_factory=VASConfig, metadata={
+        "help": "Per-sample response VAS on the reference model."})
+    filter: FilterConfig = field(default_factory=FilterConfig, metadata={
+        "help": "Which samples are kept (correct, format, anchors, length, VAS, dedup)."})
+    publish: PublishConfig = field(default_factory=PublishConfig, metadata={
+        "help": "Where and how the dataset and its data card are written (and pushed)."})
+
+    def digest(self) -> str:
+        """Provenance digest: the output-relevant settings only."""
+        return config_digest(self, VOLATILE_FIELDS)
+
+
+def load_synth_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> SynthConfig:
+    """Load, override and validate a synthesis config; raises :class:`ConfigError`."""
+    return load(SynthConfig, path, overrides)
