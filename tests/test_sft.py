@@ -21,7 +21,14 @@ from pipeline.models import build_inputs
 from pipeline.spans import compute_spans
 from trainer import sft
 from trainer.configs import AGTOConfig, ModelDataFields, parse_config
-from trainer.data import _with_placeholders, load_table, sft_dataset, strip_nulls, toy_table
+from trainer.data import (
+    _with_placeholders,
+    load_table,
+    rl_dataset,
+    sft_dataset,
+    strip_nulls,
+    toy_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "sft_tiny.yaml")
@@ -200,3 +207,23 @@ def test_evaluation_logs_the_parts_and_outputs_come_from_a_separate_pass(tmp_pat
     with torch.no_grad():
         loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
     assert torch.isfinite(loss) and outputs.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_trains_on_the_published_layout(tmp_path):
+    """Rows made by pipeline.publish (Hub layout: data/train-*.parquet) load and train as they are."""
+    from pipeline.images import encode_png
+    from pipeline.publish import FEATURES, published_row
+
+    rows = []
+    for row in toy_table(4):
+        record = {"id": row["id"], "images": [{"bytes": encode_png(row["images"][0])}], "question": row["problem"],
+                  "gold_answer": row["answer"], "answer_type": "text", "response": row["response"],
+                  "vas": {"raw": 1.0, "normalized": 1.0}, "source": "toy"}
+        rows.append(published_row(record))
+    (tmp_path / "pub" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(rows, features=FEATURES).to_parquet(
+        str(tmp_path / "pub" / "data" / "train-00000-of-00001.parquet"))
+    trainer = sft.train(config(tmp_path / "out", "--dataset", str(tmp_path / "pub"), "--max_steps", "2"))
+    assert logged(trainer, "agto_samples") == [2.0, 2.0]
+    prompt = rl_dataset(load_table(str(tmp_path / "pub")))[0]["prompt"]
+    assert [m["role"] for m in prompt] == ["user"] and prompt[0]["content"][0] == {"type": "image"}
