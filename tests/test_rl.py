@@ -16,6 +16,7 @@ import copy
 import re
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -186,3 +187,12 @@ def test_paper_config_parses_to_paper_settings(tmp_path):
     assert paper.per_device_train_batch_size * paper.gradient_accumulation_steps * 8 // paper.num_generations == 256
     with pytest.raises(ValueError, match="reward_weights needs 3 values"):
         parse_config(VARSConfig, ["--config", TINY, "--output_dir", str(tmp_path), "--reward_weights", "1.0", "0.3"])
+
+
+def test_rl_rows_need_a_gold_answer():
+    from trainer.data import DataError, toy_table
+
+    row = dict(toy_table(1)[0], answer="")
+    with pytest.raises(DataError, match="missing gold answer") as error:
+        rl_dataset(datasets.Dataset.from_list([row]))
+    assert error.value.field == "answer" and error.value.row_id == row["id"]

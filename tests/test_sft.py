@@ -227,3 +227,20 @@ def test_trains_on_the_published_layout(tmp_path):
     assert logged(trainer, "agto_samples") == [2.0, 2.0]
     prompt = rl_dataset(load_table(str(tmp_path / "pub")))[0]["prompt"]
     assert [m["role"] for m in prompt] == ["user"] and prompt[0]["content"][0] == {"type": "image"}
+
+
+def test_malformed_rows_name_the_row_and_field():
+    from trainer.data import DataError
+
+    good = toy_table(1)[0]
+    two_placeholders = dict(good, messages=_with_placeholders(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]},
+         {"role": "assistant", "content": "a"}], 2))
+    cases = [(two_placeholders, "messages", "2 image placeholders for 1 images"),
+             (dict(good, messages=None, response=""), "response", "missing"),
+             (dict(good, messages=[{"role": "user", "content": "q"}]), "messages", "last turn"),
+             (dict(good, messages=[{"role": "robot", "content": "q"}]), "messages[0].role", "expected one of")]
+    for row, field_name, message in cases:
+        with pytest.raises(DataError, match=message) as error:
+            sft_dataset(datasets.Dataset.from_list([row]))
+        assert error.value.row_id == good["id"] and error.value.field == field_name
