@@ -32,6 +32,21 @@ class TeacherConfig:
     price_output_per_mtok: float = field(default=0.0, metadata={"help": "USD per million completion tokens (cost estimate)."})
     vllm_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra kwargs for vllm.LLM (tensor_parallel_size, max_model_len, ...)."})
 
+    def __post_init__(self):
+        # Checked here, not only in a backend, so a config file fails at load time (with the full
+        # key path, via pipeline.config) instead of in the middle of a run.
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency: must be >= 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
+        for name in ("backoff_base_s", "backoff_max_s", "price_input_per_mtok", "price_output_per_mtok"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"max_pixels: must be >= 1 or null, got {self.max_pixels}")
+
     def api_key(self) -> str:
         return os.environ.get(self.api_key_env, "EMPTY")
 
