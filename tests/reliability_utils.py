@@ -294,3 +294,24 @@ def stage_ids(store: Path, stage: str) -> list[str]:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def gold_responder(call: ChatCall) -> str:
+    """A well-formed answer per stage for any registered seed: the chain ends in its gold answer.
+
+    For seeds without scene metadata (local datasets), where the programmatic teacher cannot work.
+    """
+    record = call.record
+    if record is None or call.stage is None:
+        raise ResponderError(400, "unknown record or stage")
+    gold = record["gold_answer"]
+    if call.stage == "describe":
+        return "Global scan: a figure. Parts: labelled elements. Links: as drawn. Scene: as drawn."
+    if call.stage == "reason":
+        return (f"<think>Read the values. Compute step by step. Wait, is this right? Re-check: it "
+                f"holds. The result is {gold}.</think><answer>{gold}</answer>")
+    if call.stage == "anchor":
+        return (f"<think>Look back at the image: the values are as labelled. Compute step by step. "
+                f"Check the image again: the labels agree. The result is {gold}.</think>\n"
+                f"<answer>{gold}</answer>")
+    raise ResponderError(400, f"unexpected stage {call.stage}")
