@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -12,6 +13,8 @@ from pipeline.models import load_model_and_processor
 from pipeline.vas import VASItem, model_vas
 from trainer import eval as evaluation
 from trainer.data import eval_examples
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def mathvista_like(n: int = 3) -> datasets.Dataset:
@@ -66,3 +69,18 @@ def test_end_to_end_report(tmp_path, tiny_model_dir, capsys):
     table = capsys.readouterr().out
     assert "| tiny |" in table and f"{saved['vas']['raw']:.2f}" in table
     assert report["per_sample"][0]["id"] == "0"
+
+
+def test_evaluates_a_trained_checkpoint(tmp_path):
+    from trainer import sft
+    from trainer.configs import AGTOConfig, parse_config
+
+    checkpoint = tmp_path / "sft"
+    sft.train(parse_config(AGTOConfig, ["--config", str(ROOT / "configs" / "sft_tiny.yaml"), "--output_dir", str(checkpoint),
+                                        "--max_steps", "1"]))
+    folder = tmp_path / "bench"
+    mathvista_like(2).save_to_disk(str(folder))
+    report = evaluation.main(["--model", str(checkpoint), "--data", str(folder), "--split", "train",
+                              "--skip_accuracy", "--max_pixels", "12544"])
+    assert "accuracy" not in report and report["vas"]["n_scored"] == 2
+    assert (checkpoint / "eval_bench_train.json").exists()  # default report path: beside the checkpoint

@@ -244,3 +244,18 @@ def test_malformed_rows_name_the_row_and_field():
         with pytest.raises(DataError, match=message) as error:
             sft_dataset(datasets.Dataset.from_list([row]))
         assert error.value.row_id == good["id"] and error.value.field == field_name
+
+
+def test_pixel_budget_caps_image_tokens(tiny_processor):
+    import copy
+
+    from PIL import Image
+
+    from trainer.models import apply_pixel_budget
+
+    processor = copy.deepcopy(tiny_processor)
+    apply_pixel_budget(processor, max_pixels=28 * 28 * 4)
+    grid = processor.image_processor(images=[Image.new("RGB", (224, 224))], return_tensors="pt")["image_grid_thw"]
+    assert int(grid.prod()) // 4 == 4  # 224x224 would be 64 merged patches without the cap
+    with pytest.raises(ValueError, match="below one merged"):
+        apply_pixel_budget(processor, max_pixels=100)
