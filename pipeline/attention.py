@@ -11,11 +11,11 @@ instead:
   ``AttentionInterface`` (name :data:`IMPLEMENTATION`, masks built by ``sdpa_mask``). The layer
   output is computed by transformers' own ``sdpa_attention_forward``, so the model's outputs
   are exactly those of an SDPA model; on exit the previous implementation is restored;
-* for the selected layers, gathers the selected query rows (post-RoPE ``q``) and computes, in
-  query chunks, ``s = q.k * scale + mask``, the row log-sum-exp and
-  ``mass(q, K) = sum_{k in K} exp(s_k - lse)`` for each key set ``K`` -- exactly the eager
-  softmax restricted to those rows. Work and memory are ``O(|Q| * L)`` per layer, never
-  ``O(L^2)``, and keys after the last selected query are skipped (the mask is causal);
+* for the selected layers, gathers the selected query rows (post-RoPE ``q``) and, in chunks
+  of rows, takes the softmax of ``s = q.k * scale + mask`` over the row's keys and sums it over
+  each key set ``K`` -- exactly the eager softmax restricted to those rows, in float32 whatever
+  the model dtype. Work and memory are ``O(|Q| * L)`` per layer, never ``O(L^2)`` (the model's
+  own 4D padding mask aside), and keys after the last selected query are skipped (causal);
 * is differentiable (AGTO trains through it) with a hand-written backward that recomputes each
   chunk's scores instead of storing ``|Q| x L`` probabilities per layer, and that works with
   activation checkpointing whether backward runs inside or after the capture block.
@@ -29,8 +29,9 @@ Usage::
     cap.dense("image")  # [n_layers, B, H, L], zero outside the query mask
 
 Masks are boolean ``[B, L]`` over the sequence given to the model (left or right padding both
-fine; selected queries must be real tokens). Attention dropout, if the model has any, is not
-reflected in the masses (they are the pre-dropout probabilities).
+fine; selected queries must be real tokens). Inside the block the decoder runs SDPA whatever
+implementation the model was loaded with (eager, flash-attention); the vision tower is left
+alone. Attention dropout, if any, is not reflected (masses are pre-dropout probabilities).
 
 On CPU without gradients the layer output and the row log-sum-exp come from one call of the
 SDPA kernel (the one ``F.scaled_dot_product_attention`` uses there, so outputs stay bitwise
@@ -360,7 +361,8 @@ class Capture:
         if missing:
             raise RuntimeError(f"no attention was observed for layers {missing}: run exactly one forward "
                                "pass of the model inside the capture block")
-        return torch.stack([self._by_layer[layer] for layer in self.layers])
+        device = self._by_layer[self.layers[0]].device  # layers may sit on several devices
+        return torch.stack([self._by_layer[layer].to(device) for layer in self.layers])
 
     def mass(self, name: str) -> torch.Tensor:
         """``[n_layers, B, H, Qmax]`` mass on key set ``name`` (0 at padding query slots)."""
@@ -385,8 +387,8 @@ class Capture:
         compact = self.mass(name)
         n_layers, batch, heads, _ = compact.shape
         out = compact.new_zeros(n_layers, batch, heads, self.query_mask.shape[1])
-        index = self.query_index[None, :, None, :].expand_as(compact)
-        return out.scatter_add(-1, index, compact * self.query_valid[None, :, None, :])
+        index = self.query_index.to(compact.device)[None, :, None, :].expand_as(compact)
+        return out.scatter_add(-1, index, compact * self.query_valid.to(compact.device)[None, :, None, :])
 
     def key_counts(self, name: str) -> torch.Tensor:
         """``[B]`` number of keys in set ``name`` (e.g. ``|I|``)."""

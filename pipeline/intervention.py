@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from pipeline.attention import decoder_attention_modules, resolve_layers, scaling_keys

@@ -118,9 +118,9 @@ def test_model_outputs_unchanged_and_implementation_restored():
     assert torch.equal(plain, lensed)
     assert model.config.text_config._attn_implementation == "sdpa"
     assert not any(hasattr(m, "_avar_lens_capture") for m in decoder_attention_modules(model))
-    with pytest.raises(RuntimeError, match="boom"):
-        with AttentionLens(model).capture(spans.user, spans.image, spans.system):
-            raise RuntimeError("boom")
+    lens = AttentionLens(model)
+    with pytest.raises(RuntimeError, match="boom"), lens.capture(spans.user, spans.image, spans.system):
+        raise RuntimeError("boom")
     assert model.config.text_config._attn_implementation == "sdpa"
 
 
@@ -220,16 +220,18 @@ def test_misuse_is_reported_clearly():
     inputs, spans = chat_batch(processor)
     with pytest.raises(ValueError, match="layer 9 out of range"):
         AttentionLens(model, layers=[9])
-    with pytest.raises(ValueError, match="image_mask has shape"):
-        with AttentionLens(model).capture(spans.user, spans.image[:, :-1], spans.system):
-            pass
-    with pytest.raises(RuntimeError, match="ran twice"), torch.no_grad():
-        with AttentionLens(model).capture(spans.user, spans.image, spans.system):
-            model(**inputs)
-            model(**inputs)
+    lens = AttentionLens(model)
+    with pytest.raises(ValueError, match="image_mask has shape"), lens.capture(spans.user, spans.image[:, :-1]):
+        pass
+    with pytest.raises(ValueError, match="at least one key set"), lens.capture(spans.user):
+        pass
+    with pytest.raises(RuntimeError, match="ran twice"), torch.no_grad(), \
+            lens.capture(spans.user, spans.image, spans.system):
+        model(**inputs)
+        model(**inputs)
+    with lens.capture(spans.user, spans.image, spans.system) as cap:
+        pass
     with pytest.raises(RuntimeError, match="no attention was observed"):
-        with AttentionLens(model).capture(spans.user, spans.image, spans.system) as cap:
-            pass
         cap.image  # noqa: B018
     with pytest.raises(ValueError, match="no decoder attention modules"):
         AttentionLens(torch.nn.Linear(2, 2))

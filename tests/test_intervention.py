@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from pipeline.attention import AttentionLens
-from pipeline.intervention import InterventionConfig, intervene, key_column_scaling, key_factors, rows_after_image
+from pipeline.intervention import (
+    InterventionConfig,
+    intervene,
+    key_column_scaling,
+    key_factors,
+    rows_after_image,
+)
 from tests.test_attention import assert_close, chat_batch, tiny_models
 
 
@@ -17,7 +23,7 @@ def test_zero_intervention_is_a_bitwise_noop_for_forward_and_generate():
     model, _, processor = tiny_models()
     inputs, spans = chat_batch(processor)
     prompt, prompt_spans = chat_batch(processor, with_answer=False)
-    generate = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    generate = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad():
         plain = model(**inputs).logits
         plain_gen = model.generate(**prompt, **generate)
@@ -50,9 +56,9 @@ def test_first_layer_matches_eager_attention_on_scaled_keys():
     with torch.no_grad():
         with AttentionLens(model, layers=[0]).capture(query, spans.image, spans.system) as plain:
             model(**inputs)
-        with key_column_scaling(model, spans.image, spans.system, a_img, a_sys, layers=[0]):
-            with AttentionLens(model, layers=[0]).capture(query, spans.image, spans.system) as scaled:
-                model(**inputs)
+        with key_column_scaling(model, spans.image, spans.system, a_img, a_sys, layers=[0]), \
+                AttentionLens(model, layers=[0]).capture(query, spans.image, spans.system) as scaled:
+            model(**inputs)
     rows = (after & query)[:, None, :].expand(-1, reference.shape[1], -1)
     for name, keys in (("image", spans.image), ("system", spans.system)):
         expected = (reference * keys[:, None, None, :]).sum(-1)
@@ -85,9 +91,9 @@ def test_scaling_moves_mass_to_image_and_away_from_system():
     with torch.no_grad():
         with AttentionLens(model, layers=[0]).capture(query, spans.image, spans.system) as before:
             model(**inputs)
-        with key_column_scaling(model, spans.image, spans.system, a_img=0.15, a_sys=0.4, layers=[0]):
-            with AttentionLens(model, layers=[0]).capture(query, spans.image, spans.system) as after:
-                model(**inputs)
+        with key_column_scaling(model, spans.image, spans.system, a_img=0.15, a_sys=0.4, layers=[0]), \
+                AttentionLens(model, layers=[0]).capture(query, spans.image, spans.system) as after:
+            model(**inputs)
     valid = before.query_valid[None, :, None, :].expand_as(before.image)
     assert bool((after.image > before.image + 1e-4)[valid].all())
     assert bool((after.system < before.system - 1e-4)[valid].all())
@@ -100,7 +106,7 @@ def test_scaling_moves_mass_to_image_and_away_from_system():
 def test_generate_with_intervention_changes_scores_and_restores_model():
     model, _, processor = tiny_models()
     prompt, spans = chat_batch(processor, with_answer=False)
-    generate = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    generate = {"max_new_tokens": 3, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad():
         plain = model.generate(**prompt, **generate)
         with intervene(model, spans.image, spans.system, InterventionConfig(a_img=0.5, a_sys=0.6, layers=[1, -1])):
@@ -119,10 +125,8 @@ def test_bad_settings_are_refused():
         InterventionConfig(a_sys=1.0)
     with pytest.raises(ValueError, match="a_img must be > -1"):
         InterventionConfig(a_img=-1.0)
-    with pytest.raises(ValueError, match="overlap"):
-        with key_column_scaling(model, spans.image, spans.image | spans.system):
-            pass
-    with pytest.raises(ValueError, match="differ in shape"):
-        with key_column_scaling(model, spans.image, spans.system[:, 1:]):
-            pass
+    with pytest.raises(ValueError, match="overlap"), key_column_scaling(model, spans.image, spans.image | spans.system):
+        pass
+    with pytest.raises(ValueError, match="differ in shape"), key_column_scaling(model, spans.image, spans.system[:, 1:]):
+        pass
     assert torch.equal(rows_after_image(torch.zeros(1, 4, dtype=torch.bool)), torch.tensor([torch.iinfo(torch.long).max]))

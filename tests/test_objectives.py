@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from pipeline.attention import AttentionLens
-from pipeline.objectives import agto_applies, agto_terms, size_normalized_vas, vas_ratio, visual_reward
+from pipeline.objectives import (
+    agto_applies,
+    agto_terms,
+    size_normalized_vas,
+    vas_ratio,
+    visual_reward,
+)
 from tests.test_attention import SAMPLES, chat_batch, tiny_models
 
 EPS = 1e-6

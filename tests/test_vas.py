@@ -118,6 +118,11 @@ def test_cli_on_a_parquet_dataset_and_jsonl_resume(tmp_path, capsys):
     assert scores["status"].to_list() == ["ok"] * 3 and (scores["raw"] > 0).all()
     assert "VAS (response) over 3 samples" in capsys.readouterr().out
 
+    import datasets  # a saved HF dataset with a decoded Image column (PIL images)
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_polars(table).cast_column("image", datasets.Image()).save_to_disk(str(saved))
+    args[3] = str(saved)
     jsonl = tmp_path / "scores.jsonl"
     jsonl.write_text(json.dumps({"id": records[0]["id"], "status": "ok"}) + "\n")
     assert main([*args, "--out", str(jsonl), "--queries", "user"]) == 0
