@@ -259,3 +259,41 @@ def test_pixel_budget_caps_image_tokens(tiny_processor):
     assert int(grid.prod()) // 4 == 4  # 224x224 would be 64 merged patches without the cap
     with pytest.raises(ValueError, match="below one merged"):
         apply_pixel_budget(processor, max_pixels=100)
+
+
+ACCUMULATION_COMMON = ("--max_steps", "1", "--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "0",
+                       "--shuffle_dataset", "false")
+
+
+def one_update(tmp: Path, layout: tuple, weight: str, token_normalized: bool) -> tuple[dict, dict]:
+    trainer = sft.build_trainer(config(tmp, *ACCUMULATION_COMMON, *layout, "--alpha", weight, "--beta", weight))
+    trainer.model_accepts_loss_kwargs = token_normalized  # True: the Trainer passes num_items_in_batch
+    trainer.train()
+    return trainer.model.state_dict(), {k: logged(trainer, k) for k in ("lm_loss", "l_enh", "l_sup")}
+
+
+@pytest.fixture(scope="module")
+def one_big_batch(tmp_path_factory):
+    layout = ("--per_device_train_batch_size", "2")  # a single micro-batch: normalization is moot
+    return {w: one_update(tmp_path_factory.mktemp(f"big{w}"), layout, w, False) for w in ("0", "1.0")}
+
+
+@pytest.mark.parametrize("token_normalized", [False, True])
+def test_gradient_accumulation_scales_agto_like_one_big_batch(tmp_path, one_big_batch, token_normalized):
+    """The AGTO part of one SGD update (AGTO run minus plain run, same data) is the same for two
+    micro-batches of 1 as for one batch of 2, whether the Trainer divides the loss by the
+    accumulation steps (``token_normalized=False``) or the LM loss is normalized by the token count
+    of the whole accumulated batch (True: the AGTO terms must then be divided here). A term not
+    spread over the steps would double. (The LM part differs slightly between the two layouts in
+    TRL itself, so it is subtracted out.)"""
+    layout = ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")
+    accumulated = {w: one_update(tmp_path / w, layout, w, token_normalized) for w in ("0", "1.0")}
+    for key in ("lm_loss", "l_enh", "l_sup"):
+        assert accumulated["1.0"][1][key] == pytest.approx(one_big_batch["1.0"][1][key], rel=1e-3), key
+
+    def agto_update(runs):
+        return torch.cat([(runs["1.0"][0][k] - runs["0"][0][k]).flatten() for k in runs["0"][0]])
+
+    big, acc = agto_update(one_big_batch), agto_update(accumulated)
+    assert float(big.norm()) > 0
+    assert float((acc - big).norm() / big.norm()) < 0.05

@@ -51,10 +51,10 @@ class AGTOTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         config: AGTOConfig = self.args
-        # TRL's LM loss is a share of the whole accumulated batch when num_items_in_batch is given;
-        # the AGTO terms are per-micro-batch means, so they are spread over the accumulation steps
-        # the same way TRL spreads its auxiliary loss.
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        # When the LM loss is already a share of the whole accumulated batch (normalized by
+        # num_items_in_batch), the Trainer does not divide by the accumulation steps, so the AGTO
+        # terms (per-micro-batch means) are spread over them here, as TRL does for its aux loss.
+        steps = self.current_gradient_accumulation_steps if self._loss_scaled_for_accumulation(num_items_in_batch) else 1
         lm_scale = steps / (self.accelerator.num_processes if config.average_tokens_across_devices
                             and num_items_in_batch is not None else 1)
         nan = float("nan")
@@ -81,6 +81,14 @@ class AGTOTrainer(SFTTrainer):
                 outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
             return loss, outputs
         return loss
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether ``Trainer.training_step`` leaves the loss undivided by the accumulation steps
+        (the same rule as ``Trainer.training_step``)."""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+            self.compute_loss_func is not None
 
     def _log_parts(self, parts: tuple) -> None:
         """Average the loss parts over processes (every rank calls this once per micro-batch, so the
