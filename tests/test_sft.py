@@ -22,12 +22,12 @@ from pipeline.spans import compute_spans
 from trainer import sft
 from trainer.configs import AGTOConfig, ModelDataFields, parse_config
 from trainer.data import (
-    _with_placeholders,
     load_table,
     rl_dataset,
     sft_dataset,
     strip_nulls,
     toy_table,
+    with_image_placeholders,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,7 @@ def test_samples_without_images_skip_agto(tmp_path):
     for i, row in enumerate(toy_table(4)):
         if i % 2:  # text-only rows: the question without its image
             row["images"] = []
-            row["messages"] = _with_placeholders([{"role": "user", "content": row["problem"]},
+            row["messages"] = with_image_placeholders([{"role": "user", "content": row["problem"]},
                                                   {"role": "assistant", "content": row["response"]}], 0)
         rows.append(row)
     folder = tmp_path / "mixed"
@@ -233,7 +233,7 @@ def test_malformed_rows_name_the_row_and_field():
     from trainer.data import DataError
 
     good = toy_table(1)[0]
-    two_placeholders = dict(good, messages=_with_placeholders(
+    two_placeholders = dict(good, messages=with_image_placeholders(
         [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]},
          {"role": "assistant", "content": "a"}], 2))
     cases = [(two_placeholders, "messages", "2 image placeholders for 1 images"),

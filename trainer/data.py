@@ -177,10 +177,10 @@ def _sft_row(row: dict, index: int) -> dict:
             raise DataError(rid, "response", "missing (and no messages column to train on)")
         user = question_text(row_question(row, rid), row_choices(row), format_hint=True)
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
-    return {"id": rid, "images": images, "messages": _with_placeholders(messages, len(images))}
+    return {"id": rid, "images": images, "messages": with_image_placeholders(messages, len(images))}
 
 
-def _with_placeholders(messages: list[dict], n_images: int) -> list[dict]:
+def with_image_placeholders(messages: list[dict], n_images: int) -> list[dict]:
     """Structured form with image placeholders before the first user text (TRL's convention)."""
     out, placed = [], False
     for message in messages:
@@ -224,7 +224,7 @@ def _rl_row(row: dict, index: int) -> dict:
     answer = row.get("answer")
     if answer is None or str(answer).strip() == "":
         raise DataError(rid, "answer", "missing gold answer (r_acc needs it)")
-    prompt = _with_placeholders(prompt, len(images))
+    prompt = with_image_placeholders(prompt, len(images))
     return {"id": rid, "images": images, "prompt": prompt, "answer": str(answer),
             "answer_type": eval_answer_type(row, row_choices(row)), "choices": row_choices(row)}
 
@@ -238,10 +238,10 @@ def rl_dataset(table: datasets.Dataset, num_proc: int | None = None) -> datasets
     keep = ["id", "images", "prompt", "answer", "answer_type", "choices"]
     mapped = table.map(_rl_row, with_indices=True, num_proc=num_proc,
                        remove_columns=[c for c in table.column_names if c not in keep], desc="rl view")
-    return mapped.with_transform(_decode_rl_batch)
+    return mapped.with_transform(_strip_prompt_nulls)
 
 
-def _decode_rl_batch(batch: dict) -> dict:
+def _strip_prompt_nulls(batch: dict) -> dict:
     batch = dict(batch)
     if "prompt" in batch:
         batch["prompt"] = [strip_nulls(p) for p in batch["prompt"]]
@@ -338,7 +338,7 @@ def toy_table(n: int = 8, seed: int = 0, size: int = 56) -> datasets.Dataset:
                     f"is {color}.</think><answer>{color}</answer>")
         rows.append({"id": f"toy-{seed}-{i}", "images": [image], "problem": problem, "answer": color,
                      "answer_type": "text", "response": response, "source": "toy",
-                     "messages": _with_placeholders([
+                     "messages": with_image_placeholders([
                          {"role": "user", "content": question_text(problem, format_hint=True)},
                          {"role": "assistant", "content": response}], 1)})
     features = datasets.Features({
