@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from pipeline.models import build_inputs, load_model_and_processor
+from pipeline.spans import SpecialTokens
 from trainer import rl
 from trainer.configs import VARSConfig, parse_config
 from trainer.data import load_table, rl_dataset
@@ -149,6 +150,9 @@ def test_grpo_runs_and_updates_the_policy(grpo_run):
     assert len(recorders[0].calls) == 3 and all(len(c["completions"]) == 4 for c in recorders[0].calls)
     final = trainer.model.state_dict()
     assert any(not torch.equal(initial[k], final[k]) for k in initial)  # some advantage was non-zero
+    special = SpecialTokens.from_tokenizer(trainer.processing_class)
+    banned = {*special.vision_ids, special.im_start}
+    assert not any(banned & set(ids) for call in recorders[1].calls for ids in call["completion_ids"])
 
 
 def mean(values: list[float]) -> float:
