@@ -83,6 +83,12 @@ class StagePool:
             return self._items[key]
 
 
+    def __enter__(self) -> StagePool:  # noqa: PYI034 - a singleton, never subclassed
+        return self
+
+    def __exit__(self, *exc) -> None:  # the stages built in this process (thread runner)
+        self.close()
+
     def close(self) -> None:
         with self._lock:
             items, self._items = list(self._items.values()), {}

@@ -128,7 +128,7 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
     store = WorkStore(config.run.store_dir)
     with store.locked():
         retry = {"retries": config.run.task_retries, "retry_delay_seconds": config.run.retry_delay_s}
-        with build_task_runner(config.run) as runner:
+        with build_task_runner(config.run) as runner, components.STAGE_POOL:
             seeds = runner.submit(seeds_task.with_options(**retry), {"config": config}).result()
             shards = seeds["shards"]
             previous: list = [None] * len(shards)
@@ -145,7 +145,6 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
             filtered = runner.submit(filter_task.with_options(**retry), {"config": config}).result()
             published = runner.submit(publish_task.with_options(**retry),
                                       {"config": config, "filtered": filtered}).result()
-        components.STAGE_POOL.close()  # thread runner: the stages lived in this process
     summary = {"config_path": config_path, "config_digest": config.digest(),
                "store_dir": str(config.run.store_dir), "seconds": time.time() - started,
                "runner": config.run.runner, "flow_pid": os.getpid(),
