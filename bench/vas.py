@@ -9,8 +9,9 @@ Methods:
 - ``lens U``: the lens, queries = the user question (model-level VAS, AGTO);
 - ``lens R``: the lens, queries = the whole response (response VAS, VARS reward).
 
-Time: per length, one process runs the four methods interleaved ``--repeats`` times and keeps
-each one's fastest run (background load then hits all methods alike). Memory: one process per
+Time: per length, one process with one torch thread runs the four methods interleaved
+``--repeats`` times and keeps each one's fastest run, in CPU seconds of the process (robust to
+other jobs on a shared machine) and in wall seconds. Memory: one process per
 method and length, the largest RSS increase during one forward, polled every millisecond
 (torch's CPU allocations are invisible to tracemalloc; large blocks go back to the OS when
 freed, so RSS tracks live tensors). Prints a markdown table.
@@ -137,28 +138,33 @@ def _load(model_dir: str, methods) -> tuple[dict, object]:
 
 
 def time_case(model_dir: str, length: int, repeats: int) -> dict:
-    """Min time per method, methods interleaved in one process (load noise hits all alike)."""
+    """Fastest run per method (CPU seconds of this process, and wall seconds), one torch thread,
+    methods interleaved in one process so that background load hits all of them alike."""
     import torch
 
+    torch.set_num_threads(1)
     models, processor = _load(model_dir, METHODS)
     runs = {m: _forward_fn(models, processor, m, length) for m in METHODS}
     warm = {m: _forward_fn(models, processor, m, WARM_UP_TOKENS)[0] for m in METHODS}
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
+    wall: dict[str, list[float]] = {m: [] for m in METHODS}
     with torch.no_grad():
         for method in METHODS:
             warm[method]()
         for _ in range(repeats):
             for method in METHODS:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 runs[method][0]()
-                times[method].append(time.perf_counter() - start)
-    return {m: {"time_s": min(times[m]), **runs[m][1]} for m in METHODS}
+                cpu[method].append(time.process_time() - start_cpu)
+                wall[method].append(time.perf_counter() - start)
+    return {m: {"time_s": min(cpu[m]), "wall_s": min(wall[m]), **runs[m][1]} for m in METHODS}
 
 
 def memory_case(model_dir: str, method: str, length: int) -> dict:
     """Peak RSS increase of one forward (this process runs only this method)."""
     import torch
 
+    torch.set_num_threads(1)
     models, processor = _load(model_dir, [method])
     forward, _ = _forward_fn(models, processor, method, length)
     with torch.no_grad():
@@ -203,17 +209,17 @@ def main() -> int:
     first = rows[args.lengths[0], "sdpa"]
     print(f"\nLens vs eager vs plain SDPA: {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
           f"{MODEL['num_attention_heads']}/{MODEL['num_key_value_heads']} heads, {first['n_image']} image tokens, "
-          f"float32, CPU ({os.cpu_count()} cores), no_grad; time = min of {args.repeats} interleaved runs; "
+          f"float32, CPU, 1 torch thread, no_grad; CPU time = fastest of {args.repeats} interleaved runs; "
           f"bench took {time.perf_counter() - started:.0f} s\n")
-    print("| tokens | method | queries | time (s) | x SDPA | eager / this | peak RSS increase (MiB) |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| tokens | method | queries | CPU time (s) | x SDPA | eager / this | wall (s) | peak RSS increase (MiB) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for length in args.lengths:
         sdpa, eager = rows[length, "sdpa"]["time_s"], rows[length, "eager"]["time_s"]
         for method in METHODS:
             row = rows[length, method]
             n_query = {"lens U": row["n_user"], "lens R": row["n_response"], "eager": row["n_user"]}.get(method)
             print(f"| {length} | {method} | {n_query or '-'} | {row['time_s']:.3f} | {row['time_s'] / sdpa:.2f} | "
-                  f"{eager / row['time_s']:.1f} | {row['peak_mib']:.0f} |")
+                  f"{eager / row['time_s']:.1f} | {row['wall_s']:.3f} | {row['peak_mib']:.0f} |")
     return 0
 
 
