@@ -257,3 +257,33 @@ def test_key_set_mass_backward_passes_gradcheck():
             spec.key_factor = 1 + 0.3 * torch.rand(batch, length, generator=gen, dtype=torch.float64)
         assert torch.autograd.gradcheck(
             lambda q, k, spec=spec: _KeySetMass.apply(q, k, key_sets, spec, 0.5, 2), (query, key))
+
+
+def test_text_only_qwen2_with_left_padding():
+    """The lens is not VL-specific: a text-only Qwen2 decoder, a 'key set' of chosen tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64)
+    models = {}
+    for impl in ("sdpa", "eager"):
+        config._attn_implementation = impl
+        models[impl] = Qwen2ForCausalLM(config).eval()
+    models["eager"].load_state_dict(models["sdpa"].state_dict())
+    ids = torch.randint(1, 64, (2, 12))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :3] = 0
+    prefix = torch.zeros_like(ids, dtype=torch.bool)
+    prefix[:, 3:6] = True
+    query = torch.zeros_like(prefix)
+    query[:, 8:] = True
+    for kernel_lse in (True, False):
+        with torch.no_grad(), AttentionLens(models["sdpa"], kernel_lse=kernel_lse).capture(
+                query, key_masks={"prefix": prefix}) as cap:
+            models["sdpa"](input_ids=ids, attention_mask=attention_mask)
+        with torch.no_grad():
+            reference = eager_masses(models["eager"], {"input_ids": ids, "attention_mask": attention_mask},
+                                     query, prefix, [0, 1])
+        assert cap.set_names == ["prefix", "total"]
+        assert_close(cap.dense("prefix"), reference)
