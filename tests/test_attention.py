@@ -198,7 +198,9 @@ def test_gradient_checkpointing_gives_same_gradients():
         assert_close(checkpointed[name], plain[name], tol=1e-5)
 
 
-def test_bfloat16_no_grad_is_close_to_float32():
+@pytest.mark.parametrize("kernel_lse", [True, False])
+def test_bfloat16_no_grad_is_close_to_float32(kernel_lse):
+    """bf16 models (GPU inference) through both paths; the generic one is what CUDA runs."""
     model, _, processor = tiny_models()
     inputs, spans = chat_batch(processor)
     with torch.no_grad():
@@ -207,7 +209,7 @@ def test_bfloat16_no_grad_is_close_to_float32():
         model.to(torch.bfloat16)
         try:
             bf16_inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
-            with AttentionLens(model).capture(spans.user, spans.image, spans.system) as cap:
+            with AttentionLens(model, kernel_lse=kernel_lse).capture(spans.user, spans.image, spans.system) as cap:
                 model(**bf16_inputs)
         finally:
             model.to(torch.float32)
