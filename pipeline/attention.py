@@ -161,7 +161,8 @@ def _kernel_lse_usable(module, query, key, dropout, kwargs) -> bool:
     """Whether the CPU flash kernel can give the layer output and the row log-sum-exp at once
     (no gradient needed, prefill, no dropout, nothing SDPA-specific in kwargs)."""
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    return (query.device.type == "cpu" and not needs_grad and not (dropout and module.training)
+    return (query.device.type == "cpu" and not needs_grad
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and not (dropout and module.training)
             and query.shape[2] == key.shape[2] and kwargs.get("position_bias") is None
             and kwargs.get("softcap") is None and query.dtype in (torch.float32, torch.bfloat16))
 
