@@ -12,6 +12,14 @@ over them, shard k of a stage waiting only for shard k of the stage before, so s
 Every task writes through ``pipeline.executor.run_stage`` into the work store, which skips ids
 already done: a retried task, or the whole flow re-run after a crash, continues where it
 stopped. The store lock is held for the whole run (a second run on the same store refuses).
+
+On Ray (``--set run.runner=ray``, the ``ray`` extra): without an address a local Ray starts
+and stops with the run; for a cluster (``ray start --head`` then ``ray start
+--address=HEAD:6379`` on the workers) set ``RAY_ADDRESS=auto`` (or ``run.ray_address``,
+``ray://HEAD:10001`` from outside). The work store, request cache and publish folder must then
+be on a file system every node sees, and every node needs this project installed
+(``pip install -e '.[ray]'``). ``run.ray_remote_options`` gives per-stage resources, e.g.
+``{vas: {num_gpus: 1}}``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ teachers, tiny random-weight Qwen2.5-VL for VAS) exactly as a user would.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from collections import Counter
 import datasets
 import pytest
 
+from flows.synth import main, synth
 from pipeline.config import ConfigError
 from tests.flow_utils import (
     CI_CONFIG,
@@ -31,16 +34,19 @@ from tests.flow_utils import (
 pytestmark = pytest.mark.slow
 
 
-def test_bad_config_fails_before_any_work(tmp_path, capsys):
-    from flows.synth import main
+def test_bad_config_fails_before_any_work(tmp_path):
+    # Not capsys: Prefect's log handler would keep capsys's stream, closed after this test.
     store = tmp_path / "store"
-    code = main(["--config", str(CI_CONFIG), "--set", f"run.store_dir={store}",
-                 "--set", "stages.reason.teacher.max_concurrency=ten"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--config", str(CI_CONFIG), "--set", f"run.store_dir={store}",
+                     "--set", "stages.reason.teacher.max_concurrency=ten"])
     assert code == 2
-    assert "stages.reason.teacher.max_concurrency: expected int, got 'ten'" in capsys.readouterr().err
+    assert "stages.reason.teacher.max_concurrency: expected int, got 'ten'" in err.getvalue()
     assert not store.exists()  # nothing ran: the config is checked before the flow starts
-    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "cannot read config file" in capsys.readouterr().err
+    with contextlib.redirect_stderr(err):
+        assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read config file" in err.getvalue()
 
 
 def test_load_synth_config_validates_everything():
@@ -68,7 +74,6 @@ def prefect_api():
 
 def run_in_process(root, extra: list[str] = ()) -> dict:
     """The flow called directly (same code as the CLI, without paying imports and a server start)."""
-    from flows.synth import synth
     return synth(config_path=str(CI_CONFIG), overrides=run_overrides(root) + list(extra))
 
 

@@ -74,7 +74,7 @@ def test_deployment_run_publishes(prefect_server, tmp_path):
         wait_for(lambda: _deployment_ready(api_url) or serve.poll() is not None, timeout=90,
                  what="deployment synth/avar")
         assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-        overrides = json.dumps(run_overrides(tmp_path))
+        overrides = json.dumps(run_overrides(tmp_path) + ["seeds.n=8"])  # small: the server is the point
         run = subprocess.run([PREFECT, "deployment", "run", "synth/avar", "--param",
                               f"config_path={CI_CONFIG}", "--param", f"overrides={overrides}",
                               "--watch", "--watch-timeout", "300"],

@@ -22,7 +22,8 @@ except ImportError as err:  # the `ray` extra is optional
 def test_flow_on_local_ray(tmp_path):
     env = flow_env(tmp_path / "prefect")
     env["RAY_TMPDIR"] = "/tmp"  # Ray's socket paths must stay short
-    overrides = run_overrides(tmp_path) + ["run.runner=ray", "run.ray_num_cpus=2", "run.n_shards=2"]
+    overrides = run_overrides(tmp_path) + ["run.runner=ray", "run.ray_num_cpus=2", "run.n_shards=2",
+                                          "seeds.n=8"]
     run_cli(overrides, env, timeout=400)
     summary = last_summary(tmp_path / "store")
     assert summary["runner"] == "ray"
