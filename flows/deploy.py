@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="flow runs this process executes at once (runs on one store serialise "
                              "on its lock anyway)")
     args = parser.parse_args(argv)
+    from prefect.settings import PREFECT_API_URL
+    if not PREFECT_API_URL.value():  # serving against a temporary server would lose every run
+        print("PREFECT_API_URL is not set: start a server first (scripts/prefect_local.sh, or "
+              "`prefect server start --host 127.0.0.1` and export "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api)", file=sys.stderr)
+        return 2
     # MODULE_PATH: runs import ``flows.synth`` by module name, so its package imports resolve.
     synth.serve(name=args.name, parameters={"config_path": args.config, "overrides": []},
                 limit=args.limit, entrypoint_type=EntrypointType.MODULE_PATH,

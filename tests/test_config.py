@@ -151,3 +151,23 @@ def test_help_lists_every_leaf():
         a: int = 1
     assert missing_help(Undocumented) == ["a"]
     assert dataclasses.fields(Undocumented)[0].name == "a"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "ci_small.yaml", "synth.example.yaml"])
+def test_shipped_configs_validate(name):
+    from pipeline.config import load_synth_config
+    config = load_synth_config(REPO / "configs" / name)
+    assert config.stages.reason.teacher.backend in ("openai", "vllm", "programmatic")
+    assert config.publish.dataset_name
+
+
+def test_synth_config_is_documented_and_digest_ignores_run_settings():
+    from pipeline.config import SynthConfig, load_synth_config
+    assert missing_help(SynthConfig) == []
+    base = load_synth_config(REPO / "configs" / "ci_small.yaml")
+    same = load_synth_config(REPO / "configs" / "ci_small.yaml", [
+        "run.store_dir=/elsewhere", "run.n_shards=9", "stages.reason.teacher.max_concurrency=3",
+        "publish.out_dir=/tmp/x", "vas.batch_size=16"])
+    other = load_synth_config(REPO / "configs" / "ci_small.yaml", ["stages.reason.sampling={temperature: 0.1}"])
+    assert base.digest() == same.digest()
+    assert base.digest() != other.digest()
