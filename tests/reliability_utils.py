@@ -315,3 +315,27 @@ def gold_responder(call: ChatCall) -> str:
                 f"Check the image again: the labels agree. The result is {gold}.</think>\n"
                 f"<answer>{gold}</answer>")
     raise ResponderError(400, f"unexpected stage {call.stage}")
+
+
+def run_pipeline(config, passthrough_vas: bool = False) -> dict:
+    """What the flow's tasks do, in one process (flows.components, no Prefect).
+
+    ``passthrough_vas``: the VAS stage writes a pseudo score instead of running the tiny model
+    (bench.memory.PassthroughVAS), for tests about the store rather than the scores.
+    """
+    from flows import components
+    build = components.build_stage
+    if passthrough_vas:
+        from bench.memory import PassthroughVAS
+        components.build_stage = lambda name, cfg: PassthroughVAS() if name == "vas" else build(name, cfg)
+    try:
+        seeds = components.run_seeds(config)
+        for stage in components.SHARD_STAGES:
+            for ids in seeds["shards"]:
+                components.run_shard(stage, ids, config)
+        funnel = components.run_filter(config)["funnel"]
+        components.run_publish(config, funnel)
+        return funnel
+    finally:
+        components.STAGE_POOL.close()
+        components.build_stage = build

@@ -35,6 +35,7 @@ from tests.reliability_utils import (
     openai_overrides,
     output_overrides,
     published_rows,
+    run_pipeline,
 )
 from tests.teacher_server import ChatCall, TeacherServer
 
@@ -135,21 +136,6 @@ class RecordingResponder:
         if call.record and call.record["question"] == INJECTION:
             self.prompts[call.stage] = text
         return gold_responder(call)
-
-
-def run_pipeline(config) -> dict:
-    """What the flow's tasks do, in one process (flows.components, no Prefect)."""
-    from flows import components
-    try:
-        seeds = components.run_seeds(config)
-        for stage in components.SHARD_STAGES:
-            for ids in seeds["shards"]:
-                components.run_shard(stage, ids, config)
-        funnel = components.run_filter(config)["funnel"]
-        components.run_publish(config, funnel)
-        return funnel
-    finally:
-        components.STAGE_POOL.close()
 
 
 def test_every_bad_row_is_a_named_reject_and_the_good_rows_are_published(tmp_path):

@@ -1,0 +1,127 @@
+"""Peak memory of a synthesis run as the dataset grows (the store streams shard by shard).
+
+For each size N a fresh child process runs what the flow's tasks run (flows.components, no
+Prefect): N procedural seeds -> describe/reason/anchor with the programmatic teacher -> verify
+-> VAS -> filter -> publish, on configs/demo.yaml, into a temporary folder. After each phase the
+child records its peak RSS so far (getrusage ru_maxrss) and its current RSS; the parent prints a
+markdown table. Streaming holds when the peak does not grow with N.
+
+VAS: ``--vas passthrough`` (default) swaps the reference-model forward for a stage that writes a
+deterministic pseudo score per id, because the tiny model's CPU forward (~0.1-0.2 s per sample
+on 2 cores) would make 10k samples take an hour while its memory is per batch, not per dataset
+(``--vas tiny`` runs the real VAS stage).
+
+    python bench/memory.py                          # N = 1000 and 10000
+    python bench/memory.py --sizes 300 1500 --vas tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PHASES = ("imports", "seeds", "describe", "reason", "anchor", "verify", "vas", "filter", "publish")
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def current_mib() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class PassthroughVAS:
+    """Stage ``vas`` without the model: a pseudo score from the id (see the module doc)."""
+
+    name = "vas"
+
+    def run(self, batch: list[dict]) -> list[dict]:
+        out = []
+        for record in batch:
+            raw = 5.0 + int(record["id"][:6], 16) % 1000 / 100.0
+            out.append({**record, "vas": {"model": "bench-passthrough", "queries": "response",
+                                          "max_pixels": 262144, "layers": [], "raw": raw,
+                                          "normalized": raw / 10.0, "n_image_tokens": 100,
+                                          "n_system_tokens": 10}})
+        return out
+
+
+def child(n: int, root: Path, vas: str) -> dict:
+    phases: dict[str, dict] = {}
+    started = time.perf_counter()
+
+    def mark(phase: str) -> None:
+        phases[phase] = {"peak_mib": round(peak_mib(), 1), "rss_mib": round(current_mib(), 1),
+                         "seconds": round(time.perf_counter() - started, 1)}
+
+    from flows import components
+    from pipeline.config import load_synth_config
+    config = load_synth_config(REPO / "configs" / "demo.yaml", [
+        f"seeds.n={n}", f"run.store_dir={root / 'store'}", f"publish.out_dir={root / 'published'}",
+        f"publish.cards_dir={root / 'cards'}", "run.progress=false", "vas.progress=false",
+        "seeds.image_size=448"])
+    if vas == "passthrough":
+        original = components.build_stage
+        components.build_stage = lambda name, cfg: PassthroughVAS() if name == "vas" else original(name, cfg)
+    mark("imports")
+    seeds = components.run_seeds(config)
+    mark("seeds")
+    for stage in components.SHARD_STAGES:
+        for ids in seeds["shards"]:
+            components.run_shard(stage, ids, config)
+        mark(stage)
+    funnel = components.run_filter(config)["funnel"]
+    mark("filter")
+    components.run_publish(config, funnel)
+    mark("publish")
+    components.STAGE_POOL.close()
+    store_bytes = sum(p.stat().st_size for p in (root / "store").rglob("*") if p.is_file())
+    return {"n": n, "kept": funnel["steps"].get("unique"), "phases": phases,
+            "store_mib": round(store_bytes / 2**20, 1)}
+
+
+def run_size(n: int, vas: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"avar-bench-mem-{n}-") as tmp:
+        proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--root", tmp, "--vas", vas],
+                              cwd=REPO, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            sys.exit(f"size {n} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--vas", choices=["passthrough", "tiny"], default="passthrough")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child, Path(args.root), args.vas)))
+        return
+    results = []
+    for n in args.sizes:
+        print(f"running N={n} ...", file=sys.stderr, flush=True)
+        results.append(run_size(n, args.vas))
+    print(f"\nPeak RSS (MiB, ru_maxrss so far) after each phase; VAS: {args.vas}\n")
+    print("| N seeds | kept | " + " | ".join(PHASES) + " | store on disk (MiB) | wall (s) |")
+    print("|---" * (len(PHASES) + 4) + "|")
+    for r in results:
+        cells = [str(r["phases"][p]["peak_mib"]) for p in PHASES]
+        print(f"| {r['n']} | {r['kept']} | " + " | ".join(cells)
+              + f" | {r['store_mib']} | {r['phases']['publish']['seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
