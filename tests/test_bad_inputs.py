@@ -175,18 +175,13 @@ def test_every_bad_row_is_a_named_reject_and_the_good_rows_are_published(tmp_pat
         assert prompt.index(f"## Task: {stage}") < prompt.index(INJECTION), stage
 
 
-LOADER_BUG = ("pipeline/seeds/loader.py re-raises datasets' bare ValueError without the file name; "
-              "reported in .coord/reliability_findings.md #2")
-
-
 @pytest.mark.parametrize("name, content, expected", [
     pytest.param("latin1.jsonl", b'{"images": ["a.png"], "problem": "caf\xe9?", "answer": "1"}\n',
                  "latin1.jsonl", id="not_utf8"),
     pytest.param("not_json.jsonl", b'{"images": ["a.png"], "problem": "q?", "answer": "1"}\n{this is not json\n',
-                 "not_json.jsonl", marks=pytest.mark.xfail(strict=True, reason=LOADER_BUG), id="not_json"),
+                 "not_json.jsonl", id="not_json"),
     pytest.param("lone_surrogate.jsonl", b'{"images": ["a.png"], "problem": "x \\ud800 y", "answer": "1"}\n',
-                 "lone_surrogate.jsonl", marks=pytest.mark.xfail(strict=True, reason=LOADER_BUG),
-                 id="lone_surrogate"),
+                 "lone_surrogate.jsonl", id="lone_surrogate"),
     pytest.param("truncated.parquet", None, "truncated.parquet", id="truncated_parquet"),
     pytest.param("empty.parquet", b"", "empty.parquet", id="zero_byte_parquet"),
     pytest.param("does_not_exist.jsonl", None, "does not exist", id="no_such_file"),
@@ -206,8 +201,6 @@ def test_unreadable_dataset_files_raise_one_clear_error_naming_the_file(tmp_path
     assert expected in str(err.value), str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/seeds/loader.py leaves datasets' Json() columns undecoded: "
-                                        "every row's question arrives JSON-quoted; .coord/reliability_findings.md #1")
 def test_a_type_conflict_in_one_row_does_not_change_the_good_rows(tmp_path):
     (tmp_path / "a.png").write_bytes(png("red"))
     rows = [{"images": ["a.png"], "problem": "What colour?", "answer": "red"},

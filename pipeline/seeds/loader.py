@@ -89,7 +89,7 @@ def open_rows(config: SeedsConfig) -> tuple[Iterator[dict], Path | None]:
         ds = datasets.load_dataset(
             config.repo_id, name=config.config_name, split=config.split, streaming=config.streaming
         )
-        rows = iter(ds.decode(False)) if config.streaming else _arrow_rows(ds)
+        rows = _decode_json_columns(ds, iter(ds.decode(False))) if config.streaming else _arrow_rows(ds)
         return rows, Path(config.image_root) if config.image_root else None
     path = Path(str(config.path)).expanduser()
     if not path.exists():
@@ -114,7 +114,20 @@ def open_rows(config: SeedsConfig) -> tuple[Iterator[dict], Path | None]:
                 f"{'/'.join(sorted(_FILE_BUILDERS))} file"
             )
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
-    return iter(ds.decode(False)), base
+    return _decode_json_columns(ds, iter(ds.decode(False))), base
+
+
+def _decode_json_columns(ds, rows: Iterator[dict]) -> Iterator[dict]:
+    """Decode ``Json`` columns, which ``decode(False)`` leaves as JSON text.
+
+    ``datasets`` infers ``Json()`` for a json/jsonl column whose rows mix types (one question a
+    list, the others strings); undecoded, every row's value would arrive JSON-quoted.
+    """
+    names = [n for n, f in (getattr(ds, "features", None) or {}).items() if type(f).__name__ == "Json"]
+    if not names:
+        return rows
+    return ({**row, **{n: json.loads(row[n]) if isinstance(row.get(n), str) else row.get(n) for n in names}}
+            for row in rows)
 
 
 class DatasetReadError(ValueError):
@@ -129,7 +142,7 @@ def iter_dataset(config: SeedsConfig) -> Iterator[dict | Reject]:
     try:
         rows, base = open_rows(config)
     except ValueError as err:
-        if type(err) is ValueError:  # our own config messages
+        if type(err) is ValueError and str(err).startswith("seeds."):  # our own config messages
             raise
         raise DatasetReadError(f"seeds: datasets could not read {where}: {err}") from err
     except Exception as err:  # datasets/pyarrow raise many unrelated types
