@@ -78,7 +78,7 @@ def assert_store_clean(store) -> None:
 
 def test_kill_9_in_reason_vas_and_publish_then_restart_gives_the_uninterrupted_dataset(prefect_api, tmp_path):
     env = flow_env(tmp_path / "prefect_home", prefect_api)
-    common = ["seeds.image_size=320"]  # the committed seeds config refuses < 320
+    common = ["seeds.image_size=320"]  # as in configs/ci_small.yaml (kept explicit: images are registered)
     seeds = seed_records(common)
     n = len(seeds)
     assert n >= 10
