@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from pipeline.ids import stable_hash
@@ -24,20 +25,36 @@ def request_key(backend: str, model: str, stage: str, template_sha256: str, samp
                         "sample": sample_id, "rollout": rollout})
 
 
+def _retry_locked(statement, attempts: int = 200, pause_s: float = 0.05):
+    """Run ``statement``, retrying while another process holds the lock.
+
+    Switching the journal mode needs an exclusive lock and SQLite does not call its busy handler
+    for it, so two processes opening a fresh cache at once can see "database is locked"
+    immediately, whatever the connect timeout.
+    """
+    for attempt in range(attempts):
+        try:
+            return statement()
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(pause_s)
+
+
 class RequestCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._conn() as con:
-            con.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, stage TEXT,"
-                        " response TEXT NOT NULL, created REAL DEFAULT (unixepoch('subsec')))")
+        con = self._conn()
+        _retry_locked(lambda: con.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, stage TEXT,"
+                        " response TEXT NOT NULL, created REAL DEFAULT (unixepoch('subsec')))"))
 
     def _conn(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
             con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            con.execute("PRAGMA journal_mode=WAL")
+            _retry_locked(lambda: con.execute("PRAGMA journal_mode=WAL"))
             con.execute("PRAGMA synchronous=NORMAL")
             self._local.con = con
         return con
