@@ -33,9 +33,10 @@ fine; selected queries must be real tokens). Inside the block the decoder runs S
 implementation the model was loaded with (eager, flash-attention); the vision tower is left
 alone. Attention dropout, if any, is not reflected (masses are pre-dropout probabilities).
 
-On CPU without gradients the layer output and the row log-sum-exp come from one call of the
-SDPA kernel (the one ``F.scaled_dot_product_attention`` uses there, so outputs stay bitwise
-equal) and only the keys of the sets are scored: ``|Q| x (|I| + |S|)`` work.
+Without gradients the layer output and the row log-sum-exp come from one call of the SDPA
+kernel (the one ``F.scaled_dot_product_attention`` uses for these inputs: the flash kernel on CPU,
+flash or memory-efficient on CUDA) and only the keys of the sets are scored:
+``|Q| x (|I| + |S|)`` work instead of ``|Q| x L``.
 
 The same attention function also applies the inference-time key-column logit scaling of
 :mod:`pipeline.intervention` (a ``KeyColumnScale`` set on a module), so the lens measures an
@@ -143,9 +144,15 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     capture: Capture | None = getattr(module, _LENS_ATTR, None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if capture is not None and capture.kernel_lse and patch is None and _kernel_lse_usable(module, query, key, dropout, kwargs):
-        out, lse = _sdpa_with_lse(module, query, key, value, attention_mask, scale)
-        capture._observe(module, query, key, attention_mask, scale, None, lse)
-        return out, None
+        try:
+            out, lse = _sdpa_with_lse(module, query, key, value, attention_mask, scale)
+        except RuntimeError as err:  # a CUDA kernel refusing this shape/dtype: score whole rows
+            if query.device.type == "cpu":
+                raise
+            _warn_kernel_fallback(err)
+        else:
+            capture._observe(module, query, key, attention_mask, scale, None, lse)
+            return out, None
     if patch is None:
         out, weights = sdpa_attention_forward(module, query, key, value, attention_mask,
                                               dropout=dropout, scaling=scaling, **kwargs)
@@ -158,27 +165,68 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
 
 
 def _kernel_lse_usable(module, query, key, dropout, kwargs) -> bool:
-    """Whether the CPU flash kernel can give the layer output and the row log-sum-exp at once
-    (no gradient needed, prefill, no dropout, nothing SDPA-specific in kwargs)."""
+    """Whether an SDPA kernel can give the layer output and the row log-sum-exp at once (no
+    gradient needed, prefill, no dropout, nothing SDPA-specific in kwargs): the CPU flash kernel,
+    or on CUDA the flash (half precision, no mask) or memory-efficient kernel."""
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    return (query.device.type == "cpu" and not needs_grad
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and not (dropout and module.training)
+    if query.device.type == "cpu":
+        kernel = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    else:
+        kernel = query.device.type == "cuda" and hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
+    return (kernel and not needs_grad and not (dropout and module.training)
             and query.shape[2] == key.shape[2] and kwargs.get("position_bias") is None
-            and kwargs.get("softcap") is None and query.dtype in (torch.float32, torch.bfloat16))
+            and kwargs.get("softcap") is None and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (query.device.type != "cpu" or query.dtype != torch.float16))
 
 
 def _sdpa_with_lse(module, query, key, value, attention_mask, scale: float):
-    """What ``sdpa_attention_forward`` computes on CPU (the same kernel, bitwise the same output:
-    ``F.scaled_dot_product_attention`` dispatches there), plus the per-row log-sum-exp."""
+    """The layer output and the per-row log-sum-exp ``[B, H, >=L]`` from one kernel call.
+
+    The kernels are those ``F.scaled_dot_product_attention`` itself dispatches to for these inputs
+    (CPU: its flash kernel; CUDA: flash without a mask in half precision, memory-efficient
+    otherwise), so the layer output is what an SDPA model computes.
+    """
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     mask = attention_mask
     if mask is not None and mask.dtype == torch.bool:  # as SDPA converts a boolean mask
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
+    elif mask is None and query.dtype != torch.float32 and query.shape[-1] <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, 0.0, is_causal, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, _aligned_bias(mask, query), True, 0.0, is_causal, scale=scale)[:2]
     return out.transpose(1, 2).contiguous(), lse
+
+
+def _aligned_bias(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """An additive mask as the memory-efficient kernel wants it: query dtype, broadcast over the
+    heads, rows padded to a multiple of 16 keys in memory (what SDPA's front end does)."""
+    if mask is None:
+        return None
+    batch, heads, length = query.shape[0], query.shape[1], mask.shape[-1]
+    padded = -(-length // 16) * 16
+    storage = torch.zeros((*mask.shape[:-1], padded), dtype=query.dtype, device=mask.device)
+    storage[..., :length] = mask
+    return storage[..., :length].expand(batch, heads, mask.shape[-2], length)
+
+
+_FALLBACK_WARNED = False
+
+
+def _warn_kernel_fallback(err: Exception) -> None:
+    global _FALLBACK_WARNED
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        import warnings
+
+        warnings.warn(f"attention lens: the SDPA kernel with log-sum-exp failed ({err}); "
+                      "scoring whole rows instead (exact, slower)", RuntimeWarning, stacklevel=3)
 
 
 @dataclass
@@ -440,8 +488,8 @@ class AttentionLens:
         model: a transformers decoder or vision-language model (Qwen2 / Qwen2.5-VL family).
         layers: decoder layer indices to observe (negative from the end); None = all.
         chunk_bytes: memory budget for one chunk of selected-query scores (float32).
-        kernel_lse: on CPU without gradients, take the row log-sum-exp from the SDPA kernel and
-            score only the keys of the sets (fast); False always scores whole rows.
+        kernel_lse: without gradients, take the row log-sum-exp from the SDPA kernel (CPU or
+            CUDA) and score only the keys of the sets (fast); False always scores whole rows.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int] | None = None,
