@@ -238,6 +238,20 @@ def _install(staging: Path, out_dir: Path, new_files: list[Path]) -> dict[str, d
     return files
 
 
+def _remove_dead_staging(out_dir: Path) -> None:
+    """Delete ``.staging-<pid>`` folders left by publishes that were killed (their pid is gone)."""
+    for folder in out_dir.glob(".staging-*"):
+        pid = folder.name.removeprefix(".staging-")
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None = None,
             provenance: dict | None = None, progress: bool = True) -> PublishResult:
     """Write the dataset folder, its card and exports; push to the Hub when configured.
@@ -250,6 +264,7 @@ def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None 
         _hub_token()  # refuse before any work, not after writing the whole dataset
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(out_dir)
     staging = out_dir / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -221,3 +221,19 @@ def test_choices_are_appended_once():
     assert plain.count("Oslo") == 1 and "(B) Lima" in plain
     hinted = question_text("Which is largest?", None, format_hint=True)
     assert hinted.startswith("Which is largest?") and "<answer>" in hinted
+
+
+def test_staging_left_by_a_killed_publish_is_removed(tmp_path):
+    import subprocess
+    import sys
+
+    config = _config(tmp_path, test_fraction=0.0)
+    out = tmp_path / "out" / "demo"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    for pid in (dead, str(publish_module.os.getppid())):  # a finished process, a live one
+        (out / f".staging-{pid}" / "rows").mkdir(parents=True)
+    publish(config, make_records(3), progress=False)
+    assert not (out / f".staging-{dead}").exists()
+    assert (out / f".staging-{publish_module.os.getppid()}").exists()  # may still be writing
+    assert datasets.load_dataset(str(out), split="train").num_rows == 3
