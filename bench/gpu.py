@@ -99,7 +99,7 @@ def exactness(device) -> dict:
 
     import torch
 
-    import pipeline.attention as attention
+    from pipeline import attention
     from pipeline.attention import AttentionLens
     from pipeline.models import load_model_and_processor, tiny_model_path
     from tests.test_attention import SAMPLES, chat_batch
@@ -259,85 +259,95 @@ def _timed(fn, device, repeats: int) -> tuple[float, float]:
 
 
 def vas_forward(model, processor, device, lengths, repeats) -> list[dict]:
-    import torch
-
     from pipeline.attention import AttentionLens
 
     lens = AttentionLens(model)
+    rows = [row for length in lengths for row in _vas_at(model, lens, processor, device, length, repeats)]
+    _set_impl(model, "sdpa")
+    return rows
+
+
+def _vas_at(model, lens, processor, device, length, repeats) -> list[dict]:
+    import torch
+
+    inputs, spans = make_inputs(processor, length, device)
+    inputs.pop("labels")
+    rows_u = spans["user"]
+
+    def sdpa():
+        model(**inputs, logits_to_keep=1)
+
+    def eager():
+        attn = model(**inputs, output_attentions=True, logits_to_keep=1).attentions
+        return [((a[0][:, rows_u[0]].float() * spans["image"][0]).sum(-1),
+                 (a[0][:, rows_u[0]].float() * spans["system"][0]).sum(-1)) for a in attn]
+
+    def lens_on(query):
+        def run():
+            with lens.capture(query, spans["image"], spans["system"]) as cap:
+                model(**inputs, logits_to_keep=1)
+            return cap.masses
+        return run
+
     rows = []
-    for length in lengths:
-        inputs, spans = make_inputs(processor, length, device)
-        inputs.pop("labels")
-        rows_u = spans["user"]
-
-        def sdpa():
-            model(**inputs, logits_to_keep=1)
-
-        def eager():
-            attn = model(**inputs, output_attentions=True, logits_to_keep=1).attentions
-            return [((a[0][:, rows_u[0]].float() * spans["image"][0]).sum(-1),
-                     (a[0][:, rows_u[0]].float() * spans["system"][0]).sum(-1)) for a in attn]
-
-        def lens_on(query):
-            def run():
-                with lens.capture(query, spans["image"], spans["system"]) as cap:
-                    model(**inputs, logits_to_keep=1)
-                return cap.masses
-            return run
-
-        with torch.no_grad():
-            for method, fn, impl in (("sdpa", sdpa, "sdpa"), ("lens U", lens_on(spans["user"]), "sdpa"),
-                                     ("lens R", lens_on(spans["response"]), "sdpa"), ("eager", eager, "eager")):
-                _set_impl(model, impl)
-                ms, mib = _timed(fn, device, repeats)
-                rows.append({"length": length, "method": method, "ms": ms, "peak_mib": mib,
-                             "n_image": int(spans["image"].sum()), "n_user": int(spans["user"].sum()),
-                             "n_response": int(spans["response"].sum())})
-                print(json.dumps(rows[-1]), flush=True)
-        _set_impl(model, "sdpa")
+    with torch.no_grad():
+        for method, fn, impl in (("sdpa", sdpa, "sdpa"), ("lens U", lens_on(spans["user"]), "sdpa"),
+                                 ("lens R", lens_on(spans["response"]), "sdpa"), ("eager", eager, "eager")):
+            _set_impl(model, impl)
+            ms, mib = _timed(fn, device, repeats)
+            rows.append({"length": length, "method": method, "ms": ms, "peak_mib": mib,
+                         "n_image": int(spans["image"].sum()), "n_user": int(spans["user"].sum()),
+                         "n_response": int(spans["response"].sum())})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def train_step(model, processor, device, lengths, repeats) -> list[dict]:
     from pipeline.attention import AttentionLens
-    from pipeline.objectives import agto_terms
 
     spec = importlib.util.spec_from_file_location("bench_trainer", REPO / "bench" / "trainer.py")
     bench_trainer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_trainer)
-    alpha = beta = bench_trainer.ALPHA
     lens = AttentionLens(model)
     model.train()
-    rows = []
-    for length in lengths:
-        inputs, spans = make_inputs(processor, length, device)
-        span_obj = type("S", (), spans)
-
-        def plain():
-            model.zero_grad(set_to_none=True)
-            model(**inputs).loss.backward()
-
-        def agto():
-            model.zero_grad(set_to_none=True)
-            with lens.capture(spans["user"], image_mask=spans["image"], system_mask=spans["system"]) as cap:
-                lm = model(**inputs).loss
-            enh, sup = agto_terms(cap, eps=bench_trainer.EPS, reduction="mean")
-            (lm + alpha * enh + beta * sup).backward()
-
-        def reference():
-            model.zero_grad(set_to_none=True)
-            out = model(**inputs, output_attentions=True)
-            enh, sup = bench_trainer.reference_terms(out.attentions, span_obj)
-            (out.loss + alpha * enh + beta * sup).backward()
-
-        for method, fn, impl in (("plain", plain, "sdpa"), ("AGTO", agto, "sdpa"), ("reference", reference, "eager")):
-            _set_impl(model, impl)
-            ms, mib = _timed(fn, device, repeats)
-            rows.append({"length": length, "method": method, "ms": ms, "peak_mib": mib})
-            print(json.dumps(rows[-1]), flush=True)
-        model.zero_grad(set_to_none=True)
-        _set_impl(model, "sdpa")
+    rows = [row for length in lengths
+            for row in _train_at(model, lens, bench_trainer, processor, device, length, repeats)]
     model.eval()
+    return rows
+
+
+def _train_at(model, lens, bench_trainer, processor, device, length, repeats) -> list[dict]:
+    from pipeline.objectives import agto_terms
+
+    alpha = beta = bench_trainer.ALPHA
+    inputs, spans = make_inputs(processor, length, device)
+    span_obj = type("Spans", (), spans)
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+
+    def agto():
+        model.zero_grad(set_to_none=True)
+        with lens.capture(spans["user"], image_mask=spans["image"], system_mask=spans["system"]) as cap:
+            lm = model(**inputs).loss
+        enh, sup = agto_terms(cap, eps=bench_trainer.EPS, reduction="mean")
+        (lm + alpha * enh + beta * sup).backward()
+
+    def reference():
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs, output_attentions=True)
+        enh, sup = bench_trainer.reference_terms(out.attentions, span_obj)
+        (out.loss + alpha * enh + beta * sup).backward()
+
+    rows = []
+    for method, fn, impl in (("plain", plain, "sdpa"), ("AGTO", agto, "sdpa"), ("reference", reference, "eager")):
+        _set_impl(model, impl)
+        ms, mib = _timed(fn, device, repeats)
+        rows.append({"length": length, "method": method, "ms": ms, "peak_mib": mib})
+        print(json.dumps(rows[-1]), flush=True)
+    model.zero_grad(set_to_none=True)
+    _set_impl(model, "sdpa")
     return rows
 
 

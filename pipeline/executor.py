@@ -11,9 +11,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.records import Reject, RecordError, validate, validate_sample
+from pipeline.records import RecordError, Reject, validate, validate_sample
 from pipeline.store import StageStore
-
 
 # Reject reasons that say "the teacher was unavailable", not "the record is bad": re-runs retry them.
 TRANSIENT_REASONS = frozenset({"teacher_failed", "teacher_timeout", "teacher_rate_limited",

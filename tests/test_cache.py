@@ -4,8 +4,8 @@ from pipeline.cache import RequestCache, request_key
 
 
 def test_key_changes_with_every_component():
-    base = dict(backend="openai", model="m", stage="reason", template_sha256="a" * 64,
-                sampling={"temperature": 0.7}, sample_id="s1", rollout=0)
+    base = {"backend": "openai", "model": "m", "stage": "reason", "template_sha256": "a" * 64,
+            "sampling": {"temperature": 0.7}, "sample_id": "s1", "rollout": 0}
     keys = {request_key(**base)}
     for field, value in [("backend", "vllm"), ("model", "m2"), ("stage", "anchor"),
                          ("template_sha256", "b" * 64), ("sampling", {"temperature": 0.8}),

@@ -2,11 +2,11 @@ import copy
 import hashlib
 
 import pytest
+from PIL import Image
 
 from pipeline import records
-from pipeline.images import encode_png
 from pipeline.ids import sample_id
-from PIL import Image
+from pipeline.images import encode_png
 
 
 def seed_record(**over):

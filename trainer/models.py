@@ -88,3 +88,16 @@ def load_for_training(config: Any) -> tuple[torch.nn.Module, Any, Any]:
     if config.freeze_vision_tower:
         logger.info("froze %d vision-tower tensors", freeze_vision_tower(model))
     return model, processor, lora_config(config) if config.use_peft else None
+
+
+def fit_and_save(trainer: Any, resume_from_checkpoint: Any) -> Any:
+    """Train (resuming from the last checkpoint for ``"true"``/``"last"`` or a path), then save
+    the model and, on the main process, the processor next to it."""
+    resume = resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(trainer.args.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(trainer.args.output_dir)
+    return trainer

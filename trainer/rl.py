@@ -30,7 +30,7 @@ from pipeline.spans import SpecialTokens, compute_spans
 from pipeline.verify import answers_match, extract_answer, split_response
 from trainer.configs import VARSConfig, parse_config
 from trainer.data import load_table, rl_dataset, strip_nulls
-from trainer.models import load_for_training
+from trainer.models import fit_and_save, load_for_training
 
 logger = logging.getLogger("trainer.rl")
 REWARD_NAMES = ("r_acc", "r_visual", "r_format")
@@ -215,15 +215,7 @@ def build_trainer(config: VARSConfig, reward_factory: RewardFactory = make_rewar
 
 def train(config: VARSConfig, reward_factory: RewardFactory = make_rewards,
           callbacks: list | None = None) -> GRPOTrainer:
-    trainer = build_trainer(config, reward_factory, callbacks)
-    resume = config.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)
-    if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(config.output_dir)
-    return trainer
+    return fit_and_save(build_trainer(config, reward_factory, callbacks), config.resume_from_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from pipeline.objectives import agto_applies, agto_terms, vas_ratio
 from pipeline.spans import SpecialTokens, compute_spans
 from trainer.configs import AGTOConfig, parse_config
 from trainer.data import load_table, sft_dataset, strip_nulls
-from trainer.models import load_for_training
+from trainer.models import fit_and_save, load_for_training
 
 logger = logging.getLogger("trainer.sft")
 PARTS = ("lm_loss", "l_enh", "l_sup", "vas", "agto_samples")
@@ -124,15 +124,7 @@ def build_trainer(config: AGTOConfig, callbacks: list | None = None) -> AGTOTrai
 
 
 def train(config: AGTOConfig, callbacks: list | None = None) -> AGTOTrainer:
-    trainer = build_trainer(config, callbacks)
-    resume = config.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)
-    if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(config.output_dir)
-    return trainer
+    return fit_and_save(build_trainer(config, callbacks), config.resume_from_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> None:

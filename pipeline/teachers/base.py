@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -99,7 +100,7 @@ class Teacher(ABC):
     async def agenerate(self, requests: list[TeacherRequest]) -> list[TeacherResponse | TeacherError]:
         """One result per request, in order. Never raises for a single request's failure."""
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
+    async def aclose(self) -> None:
         pass
 
 
@@ -114,3 +115,25 @@ def build_teacher(config: TeacherConfig) -> Teacher:
         from pipeline.teachers.programmatic import ProgrammaticTeacher
         return ProgrammaticTeacher(config)
     raise ValueError(f"teacher.backend: unknown backend {config.backend!r} (openai | vllm | programmatic)")
+
+
+def replace_image_parts(request: TeacherRequest, make_part: Callable[[bytes], dict]) -> list[dict]:
+    """``request.messages`` with each ``{"type": "image", "index": i}`` part replaced by
+    ``make_part(request.images[i])`` (a data URL for HTTP, a PIL image for vLLM)."""
+    out = []
+    for turn in request.messages:
+        content = turn.get("content")
+        if not isinstance(content, list):
+            out.append(turn)
+            continue
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image":
+                index = part.get("index")
+                if not isinstance(index, int) or not 0 <= index < len(request.images):
+                    raise ValueError(f"request {request.key}: messages: image part index "
+                                     f"{index!r} out of range for {len(request.images)} image(s)")
+                part = make_part(request.images[index])
+            parts.append(part)
+        out.append({**turn, "content": parts})
+    return out

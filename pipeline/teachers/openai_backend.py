@@ -40,6 +40,7 @@ from pipeline.teachers.base import (
     TeacherError,
     TeacherRequest,
     TeacherResponse,
+    replace_image_parts,
 )
 
 log = logging.getLogger(__name__)
@@ -205,24 +206,8 @@ class OpenAITeacher(Teacher):
 
     def build_messages(self, request: TeacherRequest) -> list[dict]:
         """``request.messages`` with each ``{"type": "image", "index": i}`` part as a data URL."""
-        out = []
-        for turn in request.messages:
-            content = turn.get("content")
-            if not isinstance(content, list):
-                out.append(turn)
-                continue
-            parts = []
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "image":
-                    index = part.get("index")
-                    if not isinstance(index, int) or not 0 <= index < len(request.images):
-                        raise ValueError(f"request {request.key}: messages: image part index "
-                                         f"{index!r} out of range for {len(request.images)} image(s)")
-                    url = to_data_url(request.images[index], self.config.max_pixels)
-                    part = {"type": "image_url", "image_url": {"url": url}}
-                parts.append(part)
-            out.append({**turn, "content": parts})
-        return out
+        return replace_image_parts(request, lambda image: {
+            "type": "image_url", "image_url": {"url": to_data_url(image, self.config.max_pixels)}})
 
     async def aclose(self) -> None:
         state, self._state = self._state, None

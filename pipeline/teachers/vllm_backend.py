@@ -21,6 +21,7 @@ from pipeline.teachers.base import (
     TeacherError,
     TeacherRequest,
     TeacherResponse,
+    replace_image_parts,
 )
 
 log = logging.getLogger(__name__)
@@ -50,24 +51,8 @@ def sampling_kwargs(request: TeacherRequest) -> dict[str, Any]:
 
 def build_conversation(request: TeacherRequest, max_pixels: int | None) -> list[dict]:
     """``request.messages`` with each ``{"type": "image", "index": i}`` part as a PIL image part."""
-    out = []
-    for turn in request.messages:
-        content = turn.get("content")
-        if not isinstance(content, list):
-            out.append(turn)
-            continue
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "image":
-                index = part.get("index")
-                if not isinstance(index, int) or not 0 <= index < len(request.images):
-                    raise ValueError(f"request {request.key}: messages: image part index "
-                                     f"{index!r} out of range for {len(request.images)} image(s)")
-                image = fit_max_pixels(open_image(request.images[index]).convert("RGB"), max_pixels)
-                part = {"type": "image_pil", "image_pil": image}
-            parts.append(part)
-        out.append({**turn, "content": parts})
-    return out
+    return replace_image_parts(request, lambda image: {
+        "type": "image_pil", "image_pil": fit_max_pixels(open_image(image).convert("RGB"), max_pixels)})
 
 
 class VLLMTeacher(Teacher):
