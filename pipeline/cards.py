@@ -153,7 +153,6 @@ class CardStats:
         self.anchor_counts: list[int] = []
         self.response_chars: list[int] = []
         self.usage: dict[str, dict] = {}
-        self.latest_update = ""
         self._gallery: dict[str, list] = {}  # source -> max-heap (negated rank) of gallery entries
 
     def add(self, record: dict, split: str) -> None:
@@ -178,7 +177,6 @@ class CardStats:
                                "all" if not layers else ",".join(map(str, layers)))] += 1
         self.anchor_counts.append(int(record.get("n_anchors") or 0))
         self.response_chars.append(len(record.get("response") or ""))
-        self.latest_update = max(self.latest_update, str(record.get("updated_at") or ""))
         self._offer_gallery(record)
 
     def _offer_gallery(self, record: dict) -> None:
@@ -342,7 +340,7 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
                splits: dict[str, dict], data_files: dict[str, str], license: str, language: list[str],
                task_categories: list[str], tags: list[str] | None = None, funnel: dict | None = None,
                provenance: dict | None = None, repo_id: str | None = None, exports: dict[str, str] | None = None,
-               pretty_name: str | None = None) -> Path:
+               pretty_name: str | None = None, dataset_digest: str | None = None) -> Path:
     """Write README.md, the VAS histogram and the gallery thumbnails into ``card_dir``."""
     card_dir = Path(card_dir)
     card_dir.mkdir(parents=True, exist_ok=True)
@@ -374,7 +372,7 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
         funnel=_funnel_view(funnel), usage_published=_usage_rows(stats.usage, provenance),
         usage_run=_usage_rows((funnel or {}).get("usage") or {}, provenance),
         gallery=gallery, histogram=HISTOGRAM_FILE, exports=exports or {}, paper=PAPER,
-        config_digest=(provenance or {}).get("config_digest"), data_as_of=stats.latest_update or None)
+        config_digest=(provenance or {}).get("config_digest"), dataset_digest=dataset_digest)
     assert_no_secrets(text, str(card_dir / "README.md"))
     path = card_dir / "README.md"
     write_if_changed(path, text)

@@ -311,7 +311,7 @@ def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None 
                            license=config.license, language=config.language,
                            task_categories=config.task_categories, tags=config.tags, funnel=funnel,
                            provenance=provenance, repo_id=config.repo_id or str(out_dir), pretty_name=config.pretty_name,
-                           exports={k: str(v) for k, v in exports.items()})
+                           exports={k: str(v) for k, v in exports.items()}, dataset_digest=digest)
     _copy_card(card_dir, out_dir)
     result = PublishResult(out_dir=out_dir, card_path=card_path, splits={s: len(sizes[s]) for s in splits},
                            files=files, digest=digest, changed=changed, exports={k: str(v) for k, v in exports.items()})
