@@ -289,3 +289,16 @@ def test_text_only_qwen2_with_left_padding():
                                      query, prefix, [0, 1])
         assert cap.set_names == ["prefix", "total"]
         assert_close(cap.dense("prefix"), reference)
+
+
+def test_cuda_kernel_bias_is_the_mask_broadcast_over_heads_with_aligned_rows():
+    """The additive mask handed to the CUDA memory-efficient kernel (built on any device)."""
+    from pipeline.attention import _aligned_bias
+
+    mask = torch.zeros(2, 1, 5, 21).masked_fill_(torch.rand(2, 1, 5, 21) > 0.5, float("-inf"))
+    query = torch.zeros(2, 4, 5, 8)
+    bias = _aligned_bias(mask, query)
+    assert bias.shape == (2, 4, 5, 21) and bias.dtype == query.dtype
+    assert torch.equal(bias, mask.expand(2, 4, 5, 21))
+    assert bias.stride(-2) % 16 == 0 and bias.stride(1) == 0  # rows padded to 16 keys, heads shared
+    assert _aligned_bias(None, query) is None
