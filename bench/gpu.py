@@ -139,12 +139,14 @@ def exactness(device) -> dict:
                      **{f"{key}_rel_err": _rel(cap.dense(key), ref) for key, ref in refs.items()},
                      **{f"{key}_abs_err": float((cap.dense(key) - ref).abs().max()) for key, ref in refs.items()}}
 
-    with torch.no_grad():
-        case("float32 padded, whole rows", SAMPLES, torch.float32, False)
-        case("float32 padded, kernel lse", SAMPLES, torch.float32, True)
-        case("bfloat16 padded, kernel lse", SAMPLES, torch.bfloat16, True)
-        case("bfloat16 one sample, kernel lse", SAMPLES[2:], torch.bfloat16, True)
-    attention._sdpa_with_lse = with_lse
+    try:
+        with torch.no_grad():
+            case("float32 padded, whole rows", SAMPLES, torch.float32, False)
+            case("float32 padded, kernel lse", SAMPLES, torch.float32, True)
+            case("bfloat16 padded, kernel lse", SAMPLES, torch.bfloat16, True)
+            case("bfloat16 one sample, kernel lse", SAMPLES[2:], torch.bfloat16, True)
+    finally:
+        attention._sdpa_with_lse = with_lse
 
     cpu_inputs, cpu_spans = chat_batch(processor, "left")
     inputs, spans = _to(cpu_inputs, device), _spans_to(cpu_spans, device)
