@@ -187,6 +187,7 @@ def build_shaped_model(shape: str, device, dtype):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from pipeline.models import build_tiny_model, load_processor
+    from pipeline.tiny_vlm import mrope_parameters
 
     folder = Path(tempfile.mkdtemp(prefix="avar-gpu-bench-")) / "tiny"
     build_tiny_model(folder, seed=0, max_pixels=IMAGE_SIDE * IMAGE_SIDE)
@@ -195,10 +196,7 @@ def build_shaped_model(shape: str, device, dtype):
     config["text_config"].update(text)
     for derived in ("layer_types", "max_window_layers"):  # follow num_hidden_layers
         config["text_config"].pop(derived, None)
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    unit = head_dim // 16
-    config["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0,
-                                                "mrope_section": [2 * unit, 3 * unit, 3 * unit]}
+    config["text_config"]["rope_parameters"] = mrope_parameters(text["hidden_size"], text["num_attention_heads"])
     config["vision_config"].update(vision)
     config = Qwen2_5_VLConfig(**config)
     torch.manual_seed(0)
@@ -211,33 +209,20 @@ def build_shaped_model(shape: str, device, dtype):
     return model.eval(), load_processor(folder), n_params
 
 
-def make_inputs(processor, length: int, device, batch: int = 1):
-    import torch
-    from PIL import Image
+def _bench_trainer():
+    """``bench/trainer.py`` as a module (the batch builder and the reference AGTO terms)."""
+    spec = importlib.util.spec_from_file_location("bench_trainer", REPO / "bench" / "trainer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    from pipeline.models import build_inputs
-    from pipeline.spans import compute_spans
 
-    gen = torch.Generator().manual_seed(0)
-    images = [[Image.fromarray(torch.randint(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), generator=gen,
-                                             dtype=torch.uint8).numpy())] for _ in range(batch)]
-    sentence = "Look back at the triangle: the angle at B is marked 40 degrees, so A is 50. "
-    conversations = [[{"role": "system", "content": "You are a careful visual reasoner."},
-                      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find the angle at A."}]},
-                      {"role": "assistant", "content": sentence * (length // 8)}] for _ in range(batch)]
-    inputs = build_inputs(processor, conversations, images)
-    if inputs["input_ids"].shape[1] < length:
-        raise RuntimeError(f"sample has only {inputs['input_ids'].shape[1]} tokens, wanted {length}")
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if key in inputs:
-            inputs[key] = inputs[key][:, :length]
-    spans = compute_spans(inputs["input_ids"], inputs["attention_mask"], processor)
-    inputs["labels"] = inputs["input_ids"].masked_fill(~spans.response, -100)
+def make_inputs(processor, length: int, device):
+    """One sample (system turn, a 896x896 image + question, long response) on ``device``."""
+    inputs, spans = _bench_trainer().make_batch(processor, length, batch=1, image_side=IMAGE_SIDE,
+                                                question="Find the angle at A.",
+                                                system="You are a careful visual reasoner.")
     return _to(inputs, device), _spans_to(spans, device)
-
-
-def _set_impl(model, impl: str) -> None:
-    model.set_attn_implementation(impl)
 
 
 def _timed(fn, device, repeats: int) -> tuple[float, float]:
@@ -265,7 +250,7 @@ def vas_forward(model, processor, device, lengths, repeats) -> list[dict]:
 
     lens = AttentionLens(model)
     rows = [row for length in lengths for row in _vas_at(model, lens, processor, device, length, repeats)]
-    _set_impl(model, "sdpa")
+    model.set_attn_implementation("sdpa")
     return rows
 
 
@@ -295,7 +280,7 @@ def _vas_at(model, lens, processor, device, length, repeats) -> list[dict]:
     with torch.no_grad():
         for method, fn, impl in (("sdpa", sdpa, "sdpa"), ("lens U", lens_on(spans["user"]), "sdpa"),
                                  ("lens R", lens_on(spans["response"]), "sdpa"), ("eager", eager, "eager")):
-            _set_impl(model, impl)
+            model.set_attn_implementation(impl)
             ms, mib = _timed(fn, device, repeats)
             rows.append({"length": length, "method": method, "ms": ms, "peak_mib": mib,
                          "n_image": int(spans["image"].sum()), "n_user": int(spans["user"].sum()),
@@ -307,9 +292,7 @@ def _vas_at(model, lens, processor, device, length, repeats) -> list[dict]:
 def train_step(model, processor, device, lengths, repeats) -> list[dict]:
     from pipeline.attention import AttentionLens
 
-    spec = importlib.util.spec_from_file_location("bench_trainer", REPO / "bench" / "trainer.py")
-    bench_trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_trainer)
+    bench_trainer = _bench_trainer()
     lens = AttentionLens(model)
     model.train()
     rows = [row for length in lengths
@@ -344,12 +327,12 @@ def _train_at(model, lens, bench_trainer, processor, device, length, repeats) ->
 
     rows = []
     for method, fn, impl in (("plain", plain, "sdpa"), ("AGTO", agto, "sdpa"), ("reference", reference, "eager")):
-        _set_impl(model, impl)
+        model.set_attn_implementation(impl)
         ms, mib = _timed(fn, device, repeats)
         rows.append({"length": length, "method": method, "ms": ms, "peak_mib": mib})
         print(json.dumps(rows[-1]), flush=True)
     model.zero_grad(set_to_none=True)
-    _set_impl(model, "sdpa")
+    model.set_attn_implementation("sdpa")
     return rows
 
 

@@ -50,8 +50,11 @@ def build_model(folder: Path) -> Path:
     return build_tiny_model(folder / "model", seed=0, max_pixels=IMAGE_SIDE * IMAGE_SIDE, **MODEL)
 
 
-def make_batch(processor, length: int):
-    """``BATCH`` samples (system, image + question, long response), each cut to ``length`` tokens."""
+def make_batch(processor, length: int, batch: int = BATCH, image_side: int = IMAGE_SIDE,
+               question: str = "Find the angle at A ({i}).", system: str | None = None):
+    """``batch`` samples (optional system turn, a random ``image_side``-pixel image + ``question``
+    formatted with the sample index ``i``, a long response), each cut to ``length`` tokens;
+    labels cover the response only."""
     import torch
     from PIL import Image
 
@@ -59,12 +62,14 @@ def make_batch(processor, length: int):
     from pipeline.spans import compute_spans
 
     gen = torch.Generator().manual_seed(0)
-    images = [Image.fromarray(torch.randint(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), generator=gen,
-                                            dtype=torch.uint8).numpy()) for _ in range(BATCH)]
+    images = [Image.fromarray(torch.randint(0, 256, (image_side, image_side, 3), generator=gen,
+                                            dtype=torch.uint8).numpy()) for _ in range(batch)]
     sentence = "Look back at the triangle: the angle at B is marked 40 degrees, so A is 50. "
-    conversations = [[{"role": "user", "content": [{"type": "image"},
-                                                   {"type": "text", "text": f"Find the angle at A ({i})."}]},
-                      {"role": "assistant", "content": sentence * (length // 8)}] for i in range(BATCH)]
+    system_turn = [{"role": "system", "content": system}] if system else []
+    conversations = [[*system_turn,
+                      {"role": "user", "content": [{"type": "image"},
+                                                   {"type": "text", "text": question.format(i=i)}]},
+                      {"role": "assistant", "content": sentence * (length // 8)}] for i in range(batch)]
     inputs = build_inputs(processor, conversations, [[image] for image in images])
     if inputs["input_ids"].shape[1] < length:
         raise RuntimeError(f"samples have only {inputs['input_ids'].shape[1]} tokens, wanted {length}")

@@ -174,15 +174,10 @@ def _build_model(tokenizer, model_type: str, seed: int, vision: dict, text_overr
     import transformers
 
     text = {**TINY_TEXT, **text_overrides}
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    if head_dim % 16:
-        raise ValueError(f"head_dim {head_dim} must be a multiple of 16 for M-RoPE sections")
-    unit = head_dim // 16  # the stock split of the head_dim/2 rotary pairs is [2, 3, 3] / 8
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL_TOKENS}
     text.update(vocab_size=_round_up(len(tokenizer), 64), bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                                 "mrope_section": [2 * unit, 3 * unit, 3 * unit]})
+                rope_parameters=mrope_parameters(text["hidden_size"], text["num_attention_heads"]))
     common = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
               "vision_start_token_id": ids["<|vision_start|>"],
               "vision_end_token_id": ids["<|vision_end|>"], "text_config": text}
@@ -205,6 +200,16 @@ def _build_model(tokenizer, model_type: str, seed: int, vision: dict, text_overr
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model
+
+
+def mrope_parameters(hidden_size: int, num_attention_heads: int) -> dict:
+    """Qwen2-VL M-RoPE ``rope_parameters`` for a head size: the stock [2, 3, 3] / 8 split of the
+    ``head_dim / 2`` rotary pairs (``[16, 24, 24]`` for Qwen2.5-VL-7B's head size 128)."""
+    head_dim = hidden_size // num_attention_heads
+    if head_dim % 16:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 16 for M-RoPE sections")
+    unit = head_dim // 16
+    return {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2 * unit, 3 * unit, 3 * unit]}
 
 
 def _round_up(n: int, multiple: int) -> int:
