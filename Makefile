@@ -34,7 +34,7 @@ test: setup
 	$(PY) -m pytest tests
 
 bench: setup
-	for f in bench/*.py; do $(PY) $$f || exit 1; done
+	for f in bench/[a-z]*.py; do $(PY) -m bench.$$(basename $$f .py) || exit 1; done
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline flows trainer tests bench

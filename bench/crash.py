@@ -1,7 +1,7 @@
 """The long crash test: kill -9 the synthesis flow at >= 10 points over every stage, compare.
 
 The config (default configs/demo.yaml) runs with its three teacher stages on the OpenAI backend
-against the fault-injecting test server (tests/teacher_server.py, retryable faults: 5xx, 429,
+against the fault-injecting test server (tests/support/teacher_server.py, retryable faults: 5xx, 429,
 malformed bodies) and one shared Prefect server. First an uninterrupted reference run; then the
 same config is killed with SIGKILL at each kill point in turn and restarted, until a run
 completes. Kill points, in pipeline order:
@@ -14,8 +14,8 @@ completes. Kill points, in pipeline order:
 Checks: the published rows equal the reference rows; no store stage holds an id twice; the
 server answered no request successfully twice. Prints a markdown table.
 
-    python bench/crash.py                                  # demo config (960 seeds)
-    python bench/crash.py --set seeds.n=200 --seed 3       # ~4 min on 2 busy cores (RELIABILITY.md)
+    python -m bench.crash                                  # demo config (960 seeds)
+    python -m bench.crash --set seeds.n=200 --seed 3       # ~4 min on 2 busy cores (RELIABILITY.md)
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from tests.reliability_utils import (
+from tests.support.reliability import (
     RETRYABLE_FAULTS,
     STORE_STAGES,
     HoldingResponder,
@@ -49,13 +48,13 @@ from tests.reliability_utils import (
     stage_ids,
     wait_until,
 )
-from tests.teacher_server import TeacherServer
+from tests.support.teacher_server import TeacherServer
 
 TIMEOUT = 1800
 
 
 def shards(store: Path, stage: str) -> int:
-    return len(list((store / stage).glob("part-*.parquet")))
+    return len(list((store / stage).rglob("part-*.parquet")))
 
 
 def kill_points(n: int, n_shards_vas: int, rng: random.Random) -> list[tuple[str, object]]:
@@ -91,7 +90,7 @@ def main() -> None:
         base = args.overrides + ["run.retry_delay_s=0"]
         seeds = seed_records(base, config)
         n = len(seeds)
-        from pipeline.config import load_synth_config
+        from flows.config import load_synth_config
         settings = load_synth_config(config, base)
         n_vas_shards = max(1, n // settings.run.shard_size)
 

@@ -10,9 +10,10 @@ Same config, a fresh work store per run (no request-cache hits):
 Flow runs are timed inside the flow function and as the whole command (imports and the
 temporary Prefect server included).
 
-    python bench/flow.py                                 # configs/demo.yaml
-    python bench/flow.py --set seeds.n=200               # quicker
-    python bench/flow.py --repeats 2                     # ABBA order, best per mode
+    python -m bench.flow                                 # configs/demo.yaml
+    python -m bench.flow --set seeds.n=200               # quicker
+    python -m bench.flow --repeats 2                     # ABBA order, best per mode
+    python -m bench.flow --reads                         # bytes read per stage, N x S grid
 Prints a markdown table.
 """
 
@@ -28,10 +29,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from flows import components
-from pipeline.config import load_synth_config
+from flows.config import load_synth_config
+from pipeline.plan import DEFAULT_PLAN
 
 
 def outputs(root: Path) -> list[str]:
@@ -42,14 +43,75 @@ def outputs(root: Path) -> list[str]:
 def run_plain(config_path: str, overrides: list[str]) -> tuple[float, int]:
     config = load_synth_config(config_path, overrides)
     started = time.perf_counter()
-    seeds = components.run_seeds(config)
-    for stage in components.SHARD_STAGES:
-        for ids in seeds["shards"]:
-            components.run_shard(stage, ids, config)
-    funnel = components.run_filter(config)["funnel"]
-    components.run_publish(config, funnel)
-    components.STAGE_POOL.close()
+    funnel = components.run_local(config)
     return time.perf_counter() - started, funnel["steps"]["unique"]
+
+
+class ReadCounter:
+    """Bytes of parquet column chunks each stage reads (compressed, as stored on disk), counted
+    by wrapping pyarrow's and polars' parquet readers, so the same count works for any version
+    of the store."""
+
+    def __init__(self):
+        self.label = "-"
+        self.bytes: dict[str, int] = {}
+
+    @staticmethod
+    def chunk_bytes(source, columns) -> int:
+        import pyarrow.parquet as pq
+        meta = pq.ParquetFile(source).metadata
+        return sum(meta.row_group(g).column(c).total_compressed_size
+                   for g in range(meta.num_row_groups) for c in range(meta.num_columns)
+                   if columns is None or meta.row_group(g).column(c).path_in_schema.split(".")[0] in columns)
+
+    def __enter__(self):
+        import polars as pl
+        import pyarrow.parquet as pq
+        self.saved = pq.read_table, pl.read_parquet
+
+        def counted(read):
+            def wrapper(source, *args, columns=None, **kwargs):
+                self.bytes[self.label] = self.bytes.get(self.label, 0) + self.chunk_bytes(source, columns)
+                return read(source, *args, columns=columns, **kwargs)
+            return wrapper
+        pq.read_table, pl.read_parquet = counted(pq.read_table), counted(pl.read_parquet)
+        return self
+
+    def __exit__(self, *exc):
+        import polars as pl
+        import pyarrow.parquet as pq
+        pq.read_table, pl.read_parquet = self.saved
+
+
+def bytes_read(config_path: str, overrides: list[str], n: int, shards: int, root: Path) -> dict[str, int]:
+    """Bytes read per stage by one plain run of ``n`` seeds over ``shards`` partitions."""
+    config = load_synth_config(config_path, [*overrides, f"seeds.n={n}", f"run.n_shards={shards}",
+                                             *outputs(root), "vas.progress=false"])
+    with ReadCounter() as counter:
+        counter.label = "seeds"
+        components.run_seeds(config)
+        for stage in DEFAULT_PLAN.of_scope("shard"):
+            counter.label = stage.name
+            for shard in range(shards):
+                components.run_shard(stage.name, shard, config)
+        counter.label = "filter"
+        components.run_filter(config)
+    components.STAGE_POOL.close()
+    return counter.bytes
+
+
+def reads_table(config_path: str, overrides: list[str], sizes: list[int], shard_counts: list[int]) -> None:
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="avar-bench-reads-") as tmp:
+        for n in sizes:
+            for shards in shard_counts:
+                runs[(n, shards)] = bytes_read(config_path, overrides, n, shards, Path(tmp) / f"{n}-{shards}")
+    stages = [s.name for s in DEFAULT_PLAN.stages]
+    print("\nMB of parquet column chunks read, per stage (one run each)\n")
+    print("| seeds N | shards S | " + " | ".join(stages) + " |")
+    print("|---:|---:|" + "---:|" * len(stages))
+    for (n, shards), got in runs.items():
+        print(f"| {n} | {shards} | " + " | ".join(f"{got.get(s, 0) / 1e6:.2f}" for s in stages) + " |")
 
 
 def run_flow(config_path: str, overrides: list[str], prefect_home: Path) -> tuple[float, float, int]:
@@ -74,10 +136,17 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode (best is reported)")
+    parser.add_argument("--reads", action="store_true",
+                        help="instead of timing: bytes read per stage for --sizes x --shards")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 800])
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
+    if args.reads:
+        reads_table(args.config, args.overrides, args.sizes, args.shards)
+        return
     config = load_synth_config(args.config, args.overrides)
     n_seeds = config.seeds.n
-    from pipeline.models import tiny_model_path
+    from pipeline.vlm import tiny_model_path
     tiny_model_path()  # built once, outside the timings
     # ABBA order (plain, flow, flow, plain, ...): a machine whose load drifts favours neither.
     # "flow-serial" (one task at a time) isolates Prefect's own overhead; "flow" adds the overlap

@@ -2,8 +2,8 @@
 
 Random weights throughout (nothing is downloaded), one CUDA GPU:
 
-    python bench/gpu.py --out gpu.json             # about 3 minutes on one H100/H200
-    python bench/gpu.py --shape small --device cpu # a smoke run of the same code on a laptop
+    python -m bench.gpu --out gpu.json             # about 3 minutes on one H100/H200
+    python -m bench.gpu --shape small --device cpu # a smoke run of the same code on a laptop
 
 1. **Exactness on CUDA** (the tiny test model, batch of 3 with left padding, two images in one
    sample): lens masses against eager ``output_attentions=True`` in float32 (max relative error,
@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Qwen/Qwen2.5-VL-7B-Instruct's config.json (text and vision tower); token ids stay the tiny
@@ -99,24 +98,24 @@ def exactness(device) -> dict:
 
     import torch
 
-    from pipeline import attention
-    from pipeline.attention import AttentionLens
-    from pipeline.models import load_model_and_processor, tiny_model_path
-    from tests.test_attention import SAMPLES, chat_batch
+    from pipeline.lens import AttentionLens
+    from pipeline.lens import modules as attention  # where the lens looks sdpa_with_lse up
+    from pipeline.vlm import load_model_and_processor, tiny_model_path
+    from tests.support.lens import SAMPLES, chat_batch
 
     path = tiny_model_path()
     model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation="sdpa")
     eager, _ = load_model_and_processor(path, dtype=torch.float32, attn_implementation="eager")
     model, eager = model.to(device).eval(), eager.to(device).eval()
     kernels: list[str] = []
-    with_lse = attention._sdpa_with_lse
+    with_lse = attention.sdpa_with_lse
 
     def spy(module, query, key, value, mask, scale):  # which kernel gave the log-sum-exp
         half = query.dtype != torch.float32 and query.shape[-1] <= 256
         kernels.append("cpu flash" if query.device.type == "cpu" else "flash" if mask is None and half else "efficient")
         return with_lse(module, query, key, value, mask, scale)
 
-    attention._sdpa_with_lse = spy
+    attention.sdpa_with_lse = spy
     out: dict = {}
 
     def case(name, samples, dtype, kernel_lse):
@@ -146,7 +145,7 @@ def exactness(device) -> dict:
             case("bfloat16 padded, kernel lse", SAMPLES, torch.bfloat16, True)
             case("bfloat16 one sample, kernel lse", SAMPLES[2:], torch.bfloat16, True)
     finally:
-        attention._sdpa_with_lse = with_lse
+        attention.sdpa_with_lse = with_lse
 
     cpu_inputs, cpu_spans = chat_batch(processor, "left")
     inputs, spans = _to(cpu_inputs, device), _spans_to(cpu_spans, device)
@@ -186,8 +185,8 @@ def build_shaped_model(shape: str, device, dtype):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from pipeline.models import build_tiny_model, load_processor
-    from pipeline.tiny_vlm import mrope_parameters
+    from pipeline.vlm import build_tiny_model, load_processor
+    from pipeline.vlm.tiny import mrope_parameters
 
     folder = Path(tempfile.mkdtemp(prefix="avar-gpu-bench-")) / "tiny"
     build_tiny_model(folder, seed=0, max_pixels=IMAGE_SIDE * IMAGE_SIDE)
@@ -246,7 +245,7 @@ def _timed(fn, device, repeats: int) -> tuple[float, float]:
 
 
 def vas_forward(model, processor, device, lengths, repeats) -> list[dict]:
-    from pipeline.attention import AttentionLens
+    from pipeline.lens import AttentionLens
 
     lens = AttentionLens(model)
     rows = [row for length in lengths for row in _vas_at(model, lens, processor, device, length, repeats)]
@@ -290,7 +289,7 @@ def _vas_at(model, lens, processor, device, length, repeats) -> list[dict]:
 
 
 def train_step(model, processor, device, lengths, repeats) -> list[dict]:
-    from pipeline.attention import AttentionLens
+    from pipeline.lens import AttentionLens
 
     bench_trainer = _bench_trainer()
     lens = AttentionLens(model)
@@ -302,7 +301,7 @@ def train_step(model, processor, device, lengths, repeats) -> list[dict]:
 
 
 def _train_at(model, lens, bench_trainer, processor, device, length, repeats) -> list[dict]:
-    from pipeline.objectives import agto_terms
+    from pipeline.lens.objectives import agto_terms
 
     alpha = beta = bench_trainer.ALPHA
     inputs, spans = make_inputs(processor, length, device)

@@ -11,8 +11,8 @@ deterministic pseudo score per id, because the tiny model's CPU forward (~0.1-0.
 on 2 cores) would make 10k samples take an hour while its memory is per batch, not per dataset
 (``--vas tiny`` runs the real VAS stage).
 
-    python bench/memory.py                          # N = 1000 and 10000
-    python bench/memory.py --sizes 300 1500 --vas tiny
+    python -m bench.memory                          # N = 1000 and 10000
+    python -m bench.memory --sizes 300 1500 --vas tiny
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 PHASES = ("imports", "seeds", "describe", "reason", "anchor", "verify", "vas", "filter", "publish")
 
@@ -41,22 +40,6 @@ def current_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-class PassthroughVAS:
-    """Stage ``vas`` without the model: a pseudo score from the id (see the module doc)."""
-
-    name = "vas"
-
-    def run(self, batch: list[dict]) -> list[dict]:
-        out = []
-        for record in batch:
-            raw = 5.0 + int(record["id"][:6], 16) % 1000 / 100.0
-            out.append({**record, "vas": {"model": "bench-passthrough", "queries": "response",
-                                          "max_pixels": 262144, "layers": [], "raw": raw,
-                                          "normalized": raw / 10.0, "n_image_tokens": 100,
-                                          "n_system_tokens": 10}})
-        return out
-
-
 def child(n: int, root: Path, vas: str) -> dict:
     phases: dict[str, dict] = {}
     started = time.perf_counter()
@@ -66,26 +49,16 @@ def child(n: int, root: Path, vas: str) -> dict:
                          "seconds": round(time.perf_counter() - started, 1)}
 
     from flows import components
-    from pipeline.config import load_synth_config
+    from flows.config import load_synth_config
+    from pipeline.plan import DEFAULT_PLAN
+    from tests.support.stages import PassthroughVAS
     config = load_synth_config(REPO / "configs" / "demo.yaml", [
         f"seeds.n={n}", f"run.store_dir={root / 'store'}", f"publish.out_dir={root / 'published'}",
         f"publish.cards_dir={root / 'cards'}", "run.progress=false", "vas.progress=false",
         "seeds.image_size=448"])
-    if vas == "passthrough":
-        original = components.build_stage
-        components.build_stage = lambda name, cfg: PassthroughVAS() if name == "vas" else original(name, cfg)
+    plan = DEFAULT_PLAN.replacing("vas", PassthroughVAS) if vas == "passthrough" else DEFAULT_PLAN
     mark("imports")
-    seeds = components.run_seeds(config)
-    mark("seeds")
-    for stage in components.SHARD_STAGES:
-        for ids in seeds["shards"]:
-            components.run_shard(stage, ids, config)
-        mark(stage)
-    funnel = components.run_filter(config)["funnel"]
-    mark("filter")
-    components.run_publish(config, funnel)
-    mark("publish")
-    components.STAGE_POOL.close()
+    funnel = components.run_local(config, plan, after_stage=mark)
     store_bytes = sum(p.stat().st_size for p in (root / "store").rglob("*") if p.is_file())
     return {"n": n, "kept": funnel["steps"].get("unique"), "phases": phases,
             "store_mib": round(store_bytes / 2**20, 1)}
@@ -93,7 +66,7 @@ def child(n: int, root: Path, vas: str) -> dict:
 
 def run_size(n: int, vas: str) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"avar-bench-mem-{n}-") as tmp:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--root", tmp, "--vas", vas],
+        proc = subprocess.run([sys.executable, "-m", "bench.memory", "--child", str(n), "--root", tmp, "--vas", vas],
                               cwd=REPO, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.exit(f"size {n} failed:\n{proc.stderr[-4000:]}")

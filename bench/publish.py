@@ -1,12 +1,12 @@
 """Publish memory stays flat as the dataset grows, and publish/re-publish throughput.
 
 For each dataset size a work store of synthetic samples (one incompressible noise PNG each) is
-built, then ``pipeline.publish.publish`` runs in a fresh subprocess over the store's stream;
+built, then ``pipeline.publishing.publish.publish`` runs in a fresh subprocess over the store's stream;
 the subprocess reports its peak RSS (``ru_maxrss``), and a second publish of the same data
 measures the no-op path (digest match, nothing rewritten).
 
-    python bench/publish.py                       # 300 and 1200 samples of ~270 kB images
-    python bench/publish.py --sizes 200 400 --side 200
+    python -m bench.publish                       # 300 and 1200 samples of ~270 kB images
+    python -m bench.publish --sizes 200 400 --side 200
 Prints a markdown table.
 """
 
@@ -24,12 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 CHILD = """
 import json, resource, sys, time
-sys.path.insert(0, {repo!r})
-from pipeline.publish import PublishConfig, publish
+from pipeline.publishing.publish import PublishConfig, publish
 from pipeline.store import WorkStore
 config = PublishConfig(dataset_name="bench", out_dir={out!r}, cards_dir={cards!r}, exports=[],
                        max_shard_bytes=50_000_000)
@@ -47,7 +45,7 @@ def build_store(root: Path, n: int, side: int) -> int:
     from PIL import Image
 
     from pipeline.store import WorkStore
-    from tests.sample_factory import image, make_record
+    from tests.support.samples import image, make_record
 
     rng = random.Random(0)
     stage = WorkStore(root).stage("filter")

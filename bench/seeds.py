@@ -6,8 +6,8 @@ family; runs the programmatic teacher's three stages over them; writes them to a
 streams n/5 and n rows through the local-parquet seed loader in fresh processes, reporting peak
 RSS after the first 1,000 rows and at the end (equal = memory does not grow with the dataset).
 
-    python bench/seeds.py                 # 10,000 problems, 448 px, 256-row shards
-    python bench/seeds.py --n 2000 --size 384
+    python -m bench.seeds                 # 10,000 problems, 448 px, 256-row shards
+    python -m bench.seeds --n 2000 --size 384
 Prints a markdown table (wall time and CPU time: on a shared machine the CPU column is the
 one that says what the code costs).
 """
@@ -29,11 +29,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from pipeline.seeds import SeedsConfig, iter_seeds
 from pipeline.store import WorkStore
-from pipeline.teachers.programmatic import write
+from pipeline.synthesis.teachers.programmatic import write
 
 
 def timed(fn):
@@ -44,7 +43,6 @@ def timed(fn):
 
 LOADER_CHILD = """
 import json, resource, sys, time
-sys.path.insert(0, {repo!r})
 import datasets  # imported before timing: the one-off import is not the loader's cost
 from pipeline.seeds import SeedsConfig, iter_seeds
 wall, cpu = time.perf_counter(), time.process_time()

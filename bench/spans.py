@@ -1,28 +1,24 @@
 """Claim: computing spans is a negligible per-step cost (vectorised, no Python loop over tokens).
 
-Times :func:`pipeline.spans.compute_spans` on padded chat batches of the tiny model's template
+Times :func:`pipeline.vlm.spans.compute_spans` on padded chat batches of the tiny model's template
 (one image, a long response) and prints a markdown table. Compare with one training step of
 the model you train: on CPU a 7B step takes seconds, the spans milliseconds.
 
-    .venv/bin/python bench/spans.py [--repeats 10]
+    python -m bench.spans [--repeats 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.models import build_inputs, load_processor, tiny_model_path
-from pipeline.spans import SpecialTokens, compute_spans
+from pipeline.vlm import build_inputs, load_processor, tiny_model_path
+from pipeline.vlm.spans import SpecialTokens, compute_spans
 
 
 def _batch(processor, batch_size: int, response_words: int):

@@ -5,7 +5,7 @@ procedural seeds (prompt rendering, cache look-up and commit, validation, anchor
 verify stage / ``answers_match`` (also the RL ``r_acc``), (3) the deduplicator (exact + MinHash
 LSH) on synthetic responses, incremental and rebuilt. Prints markdown tables.
 
-    .venv/bin/python bench/synthesis.py [--n 200] [--dedup-n 5000]
+    python -m bench.synthesis [--n 200] [--dedup-n 5000]
 """
 
 from __future__ import annotations
@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.cache import RequestCache
-from pipeline.dedup import Deduplicator
+from pipeline.filtering.dedup import Deduplicator
+from pipeline.plan import DEFAULT_PLAN
 from pipeline.seeds.config import SeedsConfig
 from pipeline.seeds.procedural import iter_procedural
-from pipeline.stages import build_stage
+from pipeline.synthesis.cache import RequestCache
 from pipeline.verify import VerifyStage, answers_match
 
 PAIRS = [("0.5", "1/2", "number"), ("40°", "40", "number"), ("5 cm^2", "5", "number"),
@@ -40,7 +37,7 @@ def bench_stages(n: int) -> None:
         for label in ("cold", "warm"):
             out = records
             for name in ("describe", "reason", "anchor"):
-                with build_stage(name, cache=cache, progress=False) as stage:
+                with DEFAULT_PLAN.get(name)(cache=cache, progress=False) as stage:
                     start = time.perf_counter()
                     out = stage.run(out)
                     ms = (time.perf_counter() - start) * 1000 / n

@@ -1,12 +1,12 @@
 """Throughput of OpenAITeacher.agenerate against a bare AsyncOpenAI loop, same server, same load.
 
 The claim: our retry/concurrency/usage layer costs at most 10 % of throughput (ratio >= 0.9).
-The fake server (tests/teacher_server.py) runs in its own process with a fixed latency (200 ms by
+The fake server (tests/support/teacher_server.py) runs in its own process with a fixed latency (200 ms by
 default) so it does not share the client's interpreter. Both clients send the same requests (one
 small PNG each, encoded to a data URL per request), with the same number in flight.
 
-    .venv/bin/python bench/teachers.py                        # 512 requests, 32 and 64 in flight
-    .venv/bin/python bench/teachers.py --requests 256 --concurrency 16 32 --repeats 1
+    python -m bench.teachers                        # 512 requests, 32 and 64 in flight
+    python -m bench.teachers --requests 256 --concurrency 16 32 --repeats 1
 
 Prints a markdown table: requests/second for each client and the ratio (median of repeats).
 """
@@ -28,11 +28,10 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from pipeline.images import to_data_url
-from pipeline.teachers.base import TeacherConfig, TeacherRequest
-from pipeline.teachers.openai_backend import OpenAITeacher
+from pipeline.synthesis.teachers.base import TeacherConfig, TeacherRequest
+from pipeline.synthesis.teachers.openai_backend import OpenAITeacher
 
 ANSWER = "<think>The figure shows three bars; the tallest is 7.</think><answer>7</answer>"
 
@@ -63,7 +62,7 @@ def make_requests(n: int, image: bytes) -> list[TeacherRequest]:
 
 def start_server(latency_s: float) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.teacher_server", "--port", "0", "--latency", str(latency_s),
+        [sys.executable, "-m", "tests.support.teacher_server", "--port", "0", "--latency", str(latency_s),
          "--fixed-text", ANSWER], cwd=ROOT, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = proc.stdout.readline().strip()

@@ -6,7 +6,7 @@ Every step is forward + backward + AdamW update in float32 on the CPU; methods:
 
 - ``plain``:     LM loss on the response tokens, SDPA attention (the floor);
 - ``AGTO``:      plain + ``0.15 * L_enh + 0.15 * L_sup`` from the attention lens observing the
-  same forward pass (:mod:`pipeline.attention`, :func:`pipeline.objectives.agto_terms`);
+  same forward pass (:mod:`pipeline.lens`, :func:`pipeline.lens.objectives.agto_terms`);
 - ``reference``: the public reference code's way: an eager-attention model with
   ``output_attentions=True`` and the same AGTO terms reduced from the full ``[B, H, L, L]`` maps.
 
@@ -14,8 +14,8 @@ Each method runs in its own subprocess (so its peak memory is its own): one warm
 the median of ``--repeats`` steps. Peak memory is the largest RSS increase over the pre-step RSS,
 polled every millisecond. Target: AGTO <= 1.3x plain. Prints a markdown table.
 
-    python bench/trainer.py                       # about 4 minutes on 2 idle cores
-    python bench/trainer.py --lengths 1024 2048 --repeats 3 --threads 2
+    python -m bench.trainer                       # about 4 minutes on 2 idle cores
+    python -m bench.trainer --lengths 1024 2048 --repeats 3 --threads 2
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("plain", "AGTO", "reference")
@@ -45,7 +44,7 @@ EPS = 1e-6
 
 
 def build_model(folder: Path) -> Path:
-    from pipeline.models import build_tiny_model
+    from pipeline.vlm import build_tiny_model
 
     return build_tiny_model(folder / "model", seed=0, max_pixels=IMAGE_SIDE * IMAGE_SIDE, **MODEL)
 
@@ -58,8 +57,8 @@ def make_batch(processor, length: int, batch: int = BATCH, image_side: int = IMA
     import torch
     from PIL import Image
 
-    from pipeline.models import build_inputs
-    from pipeline.spans import compute_spans
+    from pipeline.vlm import build_inputs
+    from pipeline.vlm.spans import compute_spans
 
     gen = torch.Generator().manual_seed(0)
     images = [Image.fromarray(torch.randint(0, 256, (image_side, image_side, 3), generator=gen,
@@ -127,9 +126,9 @@ class PeakRSS:
 def run_case(model_dir: str, method: str, length: int, repeats: int, threads: int) -> dict:
     import torch
 
-    from pipeline.attention import AttentionLens
-    from pipeline.models import load_model_and_processor
-    from pipeline.objectives import agto_terms
+    from pipeline.lens import AttentionLens
+    from pipeline.lens.objectives import agto_terms
+    from pipeline.vlm import load_model_and_processor
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -189,10 +188,10 @@ def main() -> int:
         model_dir = build_model(Path(tmp))
         for length in args.lengths:
             for method in METHODS:
-                out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats),
+                out = subprocess.run([sys.executable, "-m", "bench.trainer", "--repeats", str(args.repeats),
                                       "--threads", str(args.threads), "--case",
                                       str(model_dir), method, str(length)],
-                                     capture_output=True, text=True, env={**os.environ}, check=False)
+                                     cwd=REPO, capture_output=True, text=True, env={**os.environ}, check=False)
                 if out.returncode != 0:
                     print(out.stderr[-3000:], file=sys.stderr)
                     return out.returncode

@@ -16,8 +16,8 @@ method and length, the largest RSS increase during one forward, polled every mil
 (torch's CPU allocations are invisible to tracemalloc; large blocks go back to the OS when
 freed, so RSS tracks live tensors). Prints a markdown table.
 
-    python bench/vas.py                        # a few minutes on 2 idle cores
-    python bench/vas.py --lengths 512 --repeats 1
+    python -m bench.vas                        # a few minutes on 2 idle cores
+    python -m bench.vas --lengths 512 --repeats 1
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("sdpa", "eager", "lens U", "lens R")
@@ -44,7 +43,7 @@ WARM_UP_TOKENS = 384  # the image and a short answer
 
 
 def build_model(folder: Path) -> Path:
-    from pipeline.models import build_tiny_model
+    from pipeline.vlm import build_tiny_model
 
     return build_tiny_model(folder / "model", seed=0, max_pixels=IMAGE_SIDE * IMAGE_SIDE, **MODEL)
 
@@ -54,8 +53,8 @@ def make_inputs(processor, length: int):
     import torch
     from PIL import Image
 
-    from pipeline.models import build_inputs
-    from pipeline.spans import compute_spans
+    from pipeline.vlm import build_inputs
+    from pipeline.vlm.spans import compute_spans
 
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), generator=gen, dtype=torch.uint8)
@@ -101,7 +100,7 @@ class PeakRSS:
 
 def _forward_fn(models, processor, method: str, length: int):
     """A zero-argument callable running ``method`` once on the ``length``-token sample."""
-    from pipeline.attention import AttentionLens
+    from pipeline.lens import AttentionLens
 
     inputs, spans = make_inputs(processor, length)
     model = models["eager" if method == "eager" else "sdpa"]
@@ -128,7 +127,7 @@ def _forward_fn(models, processor, method: str, length: int):
 def _load(model_dir: str, methods) -> tuple[dict, object]:
     import torch
 
-    from pipeline.models import load_model_and_processor
+    from pipeline.vlm import load_model_and_processor
 
     models, processor = {}, None
     for impl in {"eager" if m == "eager" else "sdpa" for m in methods}:
@@ -176,7 +175,8 @@ def memory_case(model_dir: str, method: str, length: int) -> dict:
 
 
 def _subprocess(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "bench.vas", *args], cwd=REPO, capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

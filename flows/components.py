@@ -1,8 +1,11 @@
 """Which pipeline object does each step of a synthesis run, built from a ``SynthConfig``.
 
 No Prefect here: ``flows/synth.py`` calls these from tasks, ``bench/flow.py`` calls them in a
-plain loop to measure the orchestration overhead. Pipeline modules are imported lazily so a
-config error is reported before torch/transformers load.
+plain loop to measure the orchestration overhead. Every function takes the declared pipeline
+(:mod:`pipeline.plan`; default: the standard one) and works on one partition of the ids at a
+time: the task for shard k reads only partition k of its input stage. Pipeline modules that
+load torch or transformers are imported by the stages themselves, on first use, so a config
+error is reported before they load.
 """
 
 from __future__ import annotations
@@ -10,56 +13,19 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import SynthConfig, to_dict
+from flows.config import SynthConfig
+from pipeline.configio import to_dict
 from pipeline.executor import StageReport, run_stage
 from pipeline.ids import stable_hash
-from pipeline.records import Reject
-from pipeline.store import WorkStore
+from pipeline.plan import Plan, plan_of
+from pipeline.store import Partition, WorkStore
 
-# Per-shard stages in order; each reads the results of the one before ("seeds" first).
-SHARD_STAGES = ("describe", "reason", "anchor", "verify", "vas")
-INPUT_OF = {"describe": "seeds", "reason": "describe", "anchor": "reason", "verify": "anchor",
-            "vas": "verify"}
-
-
-class SeedSource:
-    """Adapter so the seed stream goes through ``run_stage`` like any stage (done ids skipped,
-    records validated against the seed schema, one atomic shard per batch).
-
-    ``iter_seeds`` yields records and Rejects; a Reject travels wrapped as ``{"id", "reject"}``
-    because the executor keys its input stream by ``id``.
-    """
-
-    name = "seeds"
-
-    @staticmethod
-    def wrap(items: Iterable[dict | Reject]) -> Iterator[dict]:
-        for item in items:
-            yield {"id": item.id, "reject": item} if isinstance(item, Reject) else item
-
-    def run(self, batch: list[dict]) -> list[dict | Reject]:
-        return [item["reject"] if isinstance(item.get("reject"), Reject) else item for item in batch]
-
-
-def build_stage(name: str, config: SynthConfig) -> Any:
-    """The executor Stage for ``name`` (describe | reason | anchor | verify | vas)."""
-    if name in ("describe", "reason", "anchor"):
-        from pipeline.stages import build_stage as build_teacher_stage
-        # One SQLite request cache for the three stages: the key includes the stage.
-        return build_teacher_stage(name, getattr(config.stages, name),
-                                   cache=config.run.request_cache_path(), progress=False)
-    if name == "verify":
-        from pipeline.verify import VerifyStage
-        return VerifyStage()
-    if name == "vas":
-        from pipeline.vas import VASStage
-        return VASStage(config.vas)
-    raise ValueError(f"unknown stage {name!r}; expected one of {SHARD_STAGES}")
+USAGE_KEYS = ("requests", "failures", "prompt_tokens", "completion_tokens", "cache_hits", "cost_usd")
 
 
 class StagePool:
@@ -75,13 +41,12 @@ class StagePool:
         self._lock = threading.Lock()
         self._items: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
 
-    def get(self, name: str, config: SynthConfig) -> tuple[Any, threading.Lock]:
-        key = (name, stable_hash(to_dict(config)))
+    def get(self, stage_cls: type, config: SynthConfig) -> tuple[Any, threading.Lock]:
+        key = (f"{stage_cls.__module__}.{stage_cls.__qualname__}", stable_hash(to_dict(config)))
         with self._lock:
             if key not in self._items:
-                self._items[key] = (build_stage(name, config), threading.Lock())
+                self._items[key] = (stage_cls.from_config(config), threading.Lock())
             return self._items[key]
-
 
     def __enter__(self) -> StagePool:  # noqa: PYI034 - a singleton, never subclassed
         return self
@@ -100,69 +65,94 @@ class StagePool:
 STAGE_POOL = StagePool()
 
 
-def shard_of(sample_id: str, n_shards: int) -> int:
-    """Partition by id hash: stable across runs, whatever order the seeds arrive in."""
-    return int(sample_id[:8], 16) % n_shards
-
-
-def run_seeds(config: SynthConfig, progress: Callable[[int], None] | None = None) -> dict:
-    """Write the seed stream into the store's "seeds" stage; return its report and id shards."""
-    from pipeline.seeds import iter_seeds
-    store = WorkStore(config.run.store_dir)
-    started = time.time()
-    report = run_stage(SeedSource(), store.stage("seeds"), SeedSource.wrap(iter_seeds(config.seeds)),
-                       shard_size=config.run.shard_size, progress=progress)
-    shards: list[list[str]] = [[] for _ in range(config.run.n_shards)]
-    for sample_id in sorted(result_ids(store, "seeds")):
-        shards[shard_of(sample_id, config.run.n_shards)].append(sample_id)
-    return {**_report(report, started), "shards": shards}
-
-
-def result_ids(store: WorkStore, stage: str) -> set[str]:
-    """Ids with a result (not a reject) in ``stage``."""
-    import pyarrow.parquet as pq
-    out: set[str] = set()
-    for shard in store.stage(stage).shards():
-        table = pq.read_table(shard, columns=["id", "kind"])
-        out.update(i for i, k in zip(table.column("id").to_pylist(), table.column("kind").to_pylist())
-                   if k == "result")
-    return out
-
-
-def run_shard(name: str, ids: list[str], config: SynthConfig,
+def run_seeds(config: SynthConfig, plan: Plan | None = None,
               progress: Callable[[int], None] | None = None) -> dict:
-    """Run stage ``name`` over the records of one id shard, from the previous stage's results."""
+    """Write the seed stream into the source stage, each record into its id's partition."""
+    plan = plan_of(plan)
     store = WorkStore(config.run.store_dir)
-    wanted = set(ids)
-    inputs = (rec for rec in store.stage(INPUT_OF[name]).iter_records() if rec["id"] in wanted)
     started = time.time()
-    stage, lock = STAGE_POOL.get(name, config)
-    with lock:
-        report = run_stage(stage, store.stage(name), inputs, shard_size=config.run.shard_size,
-                           progress=progress)
+    source = plan.source.from_config(config)
+    report = run_stage(source, store.stage(source.name), source.source(),
+                       shard_size=config.run.shard_size, progress=progress, route=config.run.n_shards)
     return _report(report, started)
 
 
-def run_filter(config: SynthConfig) -> dict:
-    """Filter the VAS-scored samples over the whole store; returns the funnel (JSON-able)."""
-    from pipeline.filter import run_filter as filter_store
+def run_shard(name: str, shard: int, config: SynthConfig, plan: Plan | None = None,
+              progress: Callable[[int], None] | None = None,
+              on_batch: Callable[[StageReport], None] | None = None) -> dict:
+    """Run stage ``name`` over partition ``shard`` of its input stage's results."""
+    plan = plan_of(plan)
+    store = WorkStore(config.run.store_dir)
+    partition = Partition(shard, config.run.n_shards)
+    inputs = store.stage(plan.input_of(name)).iter_records(partition)
+    started = time.time()
+    stage, lock = STAGE_POOL.get(plan.get(name), config)
+    with lock:
+        before = _usage(stage)
+        report = run_stage(stage, store.stage(name), inputs, shard_size=config.run.shard_size,
+                           progress=progress, partition=partition, on_batch=on_batch)
+        after = _usage(stage)
+    out = _report(report, started)
+    if after is not None:
+        out["usage"] = {k: round(after[k] - before[k], 6) if k == "cost_usd" else after[k] - before[k]
+                        for k in USAGE_KEYS}
+    return {**out, "shard": shard}
+
+
+def _usage(stage: Any) -> dict | None:
+    """Teacher stages count what they send; others have no usage."""
+    summary = getattr(stage, "usage_summary", None)
+    return summary() if summary is not None else None
+
+
+def run_filter(config: SynthConfig, plan: Plan | None = None) -> dict:
+    """Run the global stages (the filter) over the whole store; returns the funnel (JSON-able)."""
+    plan = plan_of(plan)
     store = WorkStore(config.run.store_dir)
     started = time.time()
-    funnel = filter_store(config.filter, store, inputs_stage="vas", shard_size=config.run.shard_size,
-                          progress=config.run.progress).to_dict()
+    funnel: dict = {}
+    for stage in plan.of_scope("global"):
+        funnel = stage.run_global(config, store, plan.input_of(stage.name), plan.names).to_dict()
     return {"funnel": funnel, "started": started, "finished": time.time()}
 
 
-def run_publish(config: SynthConfig, funnel: dict) -> dict:
-    """Publish the kept samples and regenerate the data card; returns paths for the artifact."""
-    from pipeline.publish import publish
+def run_publish(config: SynthConfig, funnel: dict, plan: Plan | None = None) -> dict:
+    """Publish the last stage's results and regenerate the data card; paths for the artifact."""
+    from pipeline.publishing.publish import publish
+
+    plan = plan_of(plan)
     store = WorkStore(config.run.store_dir)
     started = time.time()
-    result = publish(config.publish, store.stage("filter").iter_records(), funnel=funnel,
+    result = publish(config.publish, store.stage(plan.last).iter_records(), funnel=funnel,
                      provenance=provenance(config), progress=config.run.progress)
     out = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
     out.pop("files", None)  # the folder listing is long and lives on disk
     return {**out, "started": started, "finished": time.time()}
+
+
+def run_local(config: SynthConfig, plan: Plan | None = None,
+              after_stage: Callable[[str], None] | None = None) -> dict:
+    """The whole run in this process, one task after another, without Prefect (benchmarks, tests):
+    seeds, every shard of every per-shard stage, the filter, publish. Returns the funnel."""
+    plan = plan_of(plan)
+    try:
+        run_seeds(config, plan)
+        if after_stage is not None:
+            after_stage(plan.source.name)
+        for stage in plan.of_scope("shard"):
+            for shard in range(config.run.n_shards):
+                run_shard(stage.name, shard, config, plan)
+            if after_stage is not None:
+                after_stage(stage.name)
+        funnel = run_filter(config, plan)["funnel"]
+        if after_stage is not None:
+            after_stage("filter")
+        run_publish(config, funnel, plan)
+        if after_stage is not None:
+            after_stage("publish")
+        return funnel
+    finally:
+        STAGE_POOL.close()
 
 
 def provenance(config: SynthConfig) -> dict:

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
+from pipeline.plan import DEFAULT_PLAN, Plan
 from pipeline.store import WorkStore
-
-STORE_STAGES = ("seeds", "describe", "reason", "anchor", "verify", "vas", "filter")
 
 
 def _stage_timing(reports: list[dict]) -> tuple[float, float, int, int]:
@@ -30,7 +25,7 @@ def _funnel_rows(funnel: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def run_summary_markdown(summary: dict, store: WorkStore) -> str:
+def run_summary_markdown(summary: dict, store: WorkStore, plan: Plan = DEFAULT_PLAN) -> str:
     published = summary.get("published", {})
     lines = ["# AVAR synthesis run", "",
              f"- config: `{summary['config_path']}` (digest `{summary['config_digest'][:16]}`)",
@@ -50,7 +45,7 @@ def run_summary_markdown(summary: dict, store: WorkStore) -> str:
         lines.append(f"| {stage} | {results} | {rejects} | {skipped} | {wall:.1f} | {busy:.1f} |")
     lines += ["", "## Store totals and reject reasons", "",
               "| stage | results | rejects | reasons |", "|---|---:|---:|---|"]
-    for stage in STORE_STAGES:
+    for stage in plan.names:
         stage_store = store.stage(stage)
         counts = stage_store.counts()
         reasons = ", ".join(f"{k}: {v}" for k, v in stage_store.reject_reasons().items()) or "-"
@@ -58,9 +53,3 @@ def run_summary_markdown(summary: dict, store: WorkStore) -> str:
     lines += ["", "## Funnel", "", "| step | count |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in _funnel_rows(summary.get("funnel") or {})]
     return "\n".join(lines) + "\n"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -38,8 +38,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from flows import components
-from flows.report import run_summary_markdown, write_json_atomic
-from pipeline.config import ConfigError, RunConfig, SynthConfig, config_help, load_synth_config
+from flows.config import RunConfig, SynthConfig, load_synth_config
+from flows.report import run_summary_markdown
+from pipeline.atomic import write_json_atomic
+from pipeline.configio import ConfigError, config_help
+from pipeline.plan import DEFAULT_PLAN
 from pipeline.store import WorkStore
 
 # Configuration mistakes (bad key, wrong URL, unknown model) fail the same way every time.
@@ -73,10 +76,10 @@ def seeds_task(config: SynthConfig) -> dict:
 
 
 @task(name="stage", **_TASK_DEFAULTS)
-def shard_task(stage: str, shard: int, ids: list[str], config: SynthConfig, upstream: dict | None = None) -> dict:
+def shard_task(stage: str, shard: int, config: SynthConfig, upstream: dict | None = None) -> dict:
     # ``upstream`` (shard k of the previous stage) only orders the tasks.
-    with _bar(config, len(ids), f"{stage}[{shard}]") as bar:
-        report = components.run_shard(stage, ids, config, progress=bar.update)
+    with _bar(config, None, f"{stage}[{shard}]") as bar:
+        report = components.run_shard(stage, shard, config, progress=bar.update)
     get_run_logger().info("%s shard %d: %d results, %d rejects, %d skipped (done before) in %.1fs",
                           stage, shard, report["results"], report["rejects"], report["skipped"],
                           report["finished"] - report["started"])
@@ -138,15 +141,15 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
         retry = {"retries": config.run.task_retries, "retry_delay_seconds": config.run.retry_delay_s}
         with build_task_runner(config.run) as runner, components.STAGE_POOL:
             seeds = runner.submit(seeds_task.with_options(**retry), {"config": config}).result()
-            shards = seeds["shards"]
+            shards = list(range(config.run.n_shards))
             previous: list = [None] * len(shards)
             per_stage: dict[str, list] = {}
-            for stage in components.SHARD_STAGES:
+            for stage in (s.name for s in DEFAULT_PLAN.of_scope("shard")):
                 task_for_stage = shard_task.with_options(
                     name=stage, task_run_name=f"{stage}-shard{{shard}}", tags=[f"avar-{stage}"], **retry)
                 with _ray_options(config.run, stage):
                     previous = runner.map(task_for_stage, {
-                        "stage": unmapped(stage), "shard": list(range(len(shards))), "ids": shards,
+                        "stage": unmapped(stage), "shard": shards,
                         "config": unmapped(config), "upstream": previous})
                 per_stage[stage] = previous
             reports = {stage: [f.result() for f in futures] for stage, futures in per_stage.items()}
@@ -156,7 +159,7 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
     summary = {"config_path": config_path, "config_digest": config.digest(),
                "store_dir": str(config.run.store_dir), "seconds": time.time() - started,
                "runner": config.run.runner, "flow_pid": os.getpid(),
-               "seeds": {k: v for k, v in seeds.items() if k != "shards"}, "stages": reports,
+               "seeds": seeds, "stages": reports,
                "funnel": filtered["funnel"], "published": published}
     write_json_atomic(store.root / "run_summary.json", summary)
     create_markdown_artifact(key="avar-synth-run", markdown=run_summary_markdown(summary, store),
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         import yaml
 
-        from pipeline.config import to_dict
+        from pipeline.configio import to_dict
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         print(f"# digest {config.digest()}")
         return 0

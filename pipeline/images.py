@@ -10,7 +10,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import warnings
+from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -84,3 +87,46 @@ def to_data_url(data: bytes, max_pixels: int | None = None) -> str:
 def pil_images(record: dict) -> list[Image.Image]:
     """Decoded RGB images of a seed/sample record."""
     return [open_image(im["bytes"]).convert("RGB") for im in record["images"]]
+
+
+def image_cell(item: Any, base: Path | None = None) -> tuple[bytes, str | None]:
+    """``(encoded bytes, path or None)`` of one dataset image cell, whatever shape it has:
+    bytes, ``{"bytes", "path"}`` (Hugging Face ``Image`` with decoding off), a path (relative
+    paths resolved against ``base``) or a decoded PIL image (encoded as PNG).
+
+    Raises :class:`ImageError` (``field_missing``, ``schema_invalid``, ``image_missing``).
+    """
+    if isinstance(item, dict):
+        if item.get("bytes") is not None:
+            return bytes(item["bytes"]), item.get("path")
+        if item.get("path"):
+            return _read_path(str(item["path"]), base), str(item["path"])
+        raise ImageError("field_missing", "image entry has neither bytes nor a path")
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item), None
+    if isinstance(item, (str, os.PathLike)):
+        return _read_path(os.fspath(item), base), os.fspath(item)
+    if isinstance(item, Image.Image):
+        return encode_png(item), None
+    raise ImageError("schema_invalid",
+                     f"expected image bytes, a path or an {{bytes, path}} dict, got {type(item).__name__}")
+
+
+def image_cells(value: Any, base: Path | None = None) -> list[bytes]:
+    """Encoded bytes of a cell holding one image or a list of them (None: no image)."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [image_cell(item, base)[0] for item in items]
+
+
+def _read_path(raw: str, base: Path | None) -> bytes:
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError("image_missing", f"file {path} does not exist") from None
+    except OSError as err:
+        raise ImageError("image_missing", f"cannot read {path}: {err.strerror or err}") from None

@@ -11,13 +11,13 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 from referencing import Registry, Resource
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+from pipeline.resources import schemas_dir
+
 KINDS = ("seed", "sample", "reject")
 
 
@@ -34,7 +34,7 @@ def _x_binary(validator, value, instance, schema):
 def _registry() -> Registry:
     resources = []
     for kind in KINDS:
-        contents = json.loads((SCHEMA_DIR / f"{kind}.schema.json").read_text())
+        contents = json.loads((schemas_dir() / f"{kind}.schema.json").read_text())
         resource = Resource.from_contents(contents)
         resources += [(contents["$id"], resource), (f"{kind}.schema.json", resource)]
     return Registry().with_resources(resources)
@@ -44,7 +44,7 @@ def _registry() -> Registry:
 def validator(kind: str) -> jsonschema.protocols.Validator:
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
-    schema = json.loads((SCHEMA_DIR / f"{kind}.schema.json").read_text())
+    schema = json.loads((schemas_dir() / f"{kind}.schema.json").read_text())
     cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"x-binary": _x_binary})
     return cls(schema, registry=_registry(), format_checker=jsonschema.FormatChecker())
 
@@ -86,20 +86,12 @@ def validate(kind: str, record: Any) -> None:
         raise found[0]
 
 
-# Fields each synthesis stage owes on the sample record (beyond the seed contract).
-STAGE_REQUIRES = {
-    "describe": ["stages.describe"],
-    "reason": ["stages.describe", "stages.reason"],
-    "anchor": ["stages.anchor", "response", "anchors", "n_anchors"],
-    "verify": ["verification", "predicted_answer"],
-    "vas": ["vas"],
-}
-
-
-def validate_sample(record: dict, stage: str | None = None) -> None:
-    """Validate a sample and, when ``stage`` is given, the fields that stage must have added."""
-    validate("sample", record)
-    for dotted in STAGE_REQUIRES.get(stage or "", []):
+def validate_output(kind: str, record: dict, produces: tuple[str, ...] | list[str] = (),
+                    stage: str | None = None) -> None:
+    """Validate ``record`` against schema ``kind`` plus the dotted fields a stage declares it
+    ``produces`` (e.g. ``"stages.anchor"``, ``"response"``): the records contract of a stage."""
+    validate(kind, record)
+    for dotted in produces:
         node: Any = record
         for key in dotted.split("."):
             if not isinstance(node, dict) or key not in node:

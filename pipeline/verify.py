@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from pipeline.questions import choice_letter
 from pipeline.records import Reject, utcnow
+from pipeline.response_format import extract_answer
 
-_FORMAT_RE = re.compile(r"\A\s*<think>([\s\S]*?)</think>\s*<answer>([\s\S]*?)</answer>\s*\Z")
-_TAG_RE = re.compile(r"</?(?:think|answer)>")
 _EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
 _MATH_TIMEOUT_S = 5
 
@@ -56,27 +56,6 @@ class Verdict:
     parsed: bool  # False when the predicted answer could not be read at all
     predicted_norm: str = ""
     gold_norm: str = ""
-
-
-def split_response(text: str) -> tuple[str, str] | None:
-    """``(think, answer)`` of ``<think>..</think><answer>..</answer>``; None when malformed.
-
-    Surrounding whitespace is tolerated; text outside the tags, nested or repeated tags and
-    empty parts are not (the RL format reward demands the exact shape).
-    """
-    m = _FORMAT_RE.match(text or "")
-    if not m:
-        return None
-    think, answer = m.group(1).strip(), m.group(2).strip()
-    if not think or not answer or _TAG_RE.search(think) or _TAG_RE.search(answer):
-        return None
-    return think, answer
-
-
-def extract_answer(response: str) -> str | None:
-    """The last ``<answer>`` body of a response, stripped; None when there is none."""
-    found = re.findall(r"<answer>([\s\S]*?)</answer>", response or "")
-    return found[-1].strip() if found and found[-1].strip() else None
 
 
 def _in_main_thread() -> bool:
@@ -147,8 +126,6 @@ def _norm_text(text: str) -> str:
 
 def choice_index(answer: str, choices: list[str] | None) -> tuple[int | None, str]:
     """Option index named by ``answer`` and how it was read ("choice_letter" | "choice_text")."""
-    from pipeline.prompts import choice_letter
-
     n = len(choices) if choices else 26
     letters = {choice_letter(i): i for i in range(n)}
     s = _clean(answer)
@@ -231,6 +208,14 @@ class VerifyStage:
     """
 
     name = "verify"
+    schema = "sample"
+    scope = "shard"
+    requires = ("response", "gold_answer", "answer_type")
+    produces = ("verification", "predicted_answer")
+
+    @classmethod
+    def from_config(cls, config) -> VerifyStage:
+        return cls()
 
     def run(self, batch: list[dict]) -> list[dict | Reject]:
         return [self._one(record) for record in batch]

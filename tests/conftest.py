@@ -11,33 +11,27 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hugging Face Hub
 
-import numpy as np
 import pytest
-from PIL import Image
 
-
-def make_image(seed: int = 0, size: tuple[int, int] = (64, 48)) -> Image.Image:
-    """A deterministic random RGB image of ``size`` = (width, height)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels, "RGB")
+from tests.support.images import make_image
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
-    from pipeline.models import tiny_model_path
+    from pipeline.vlm import tiny_model_path
     return tiny_model_path()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_and_processor(tiny_model_dir):
-    from pipeline.models import load_model_and_processor
+    from pipeline.vlm import load_model_and_processor
     model, processor = load_model_and_processor(tiny_model_dir)
     return model.eval(), processor
 
 
 @pytest.fixture(scope="session")
 def tiny_processor(tiny_model_dir):
-    from pipeline.models import load_processor
+    from pipeline.vlm import load_processor
     return load_processor(tiny_model_dir)
 
 

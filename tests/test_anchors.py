@@ -1,4 +1,4 @@
-from pipeline.anchors import find_anchors, think_text
+from pipeline.synthesis.anchors import find_anchors, think_text
 
 SCENE = {"family": "geometry", "elements": [
     {"id": "B", "label": "angle B", "kind": "angle", "bbox": [0, 0, 1, 1]},

@@ -1,72 +1,12 @@
-"""The lens against eager ``output_attentions=True`` on the tiny Qwen2.5-VL (GQA, M-RoPE).
-
-Helpers ``tiny_models`` and ``chat_batch`` are reused by the objectives/intervention/VAS tests.
-"""
+"""The lens against eager ``output_attentions=True`` on the tiny Qwen2.5-VL (GQA, M-RoPE)."""
 
 from __future__ import annotations
 
-from functools import cache
-
 import pytest
 import torch
-from PIL import Image
 
-from pipeline.attention import IMPLEMENTATION, AttentionLens, decoder_attention_modules
-from pipeline.models import build_inputs, load_model_and_processor, tiny_model_path
-from pipeline.spans import compute_spans
-
-REL_TOL = 1e-4
-
-
-@cache
-def tiny_models():
-    """(sdpa model, eager model with the same weights, processor), float32, eval mode."""
-    path = tiny_model_path()
-    model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation="sdpa")
-    eager, _ = load_model_and_processor(path, dtype=torch.float32, attn_implementation="eager")
-    return model.eval(), eager.eval(), processor
-
-
-def _image(seed: int, size: tuple[int, int]) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-SAMPLES = [  # (images, question, answer): one image, two images, a longer answer
-    ([(64, 48)], "What is x?", "<think>x is 2</think><answer>2</answer>"),
-    ([(100, 80), (30, 30)], "Solve for x: 3x + 5 = 20", "<think>3x = 15 so x = 5</think><answer>5</answer>"),
-    ([(56, 112)], "The angle at B is marked 40 degrees. Find the angle at A.",
-     "<think>Look back at the triangle: 180 - 90 - 40 = 50.</think><answer>50</answer>"),
-]
-
-
-def chat_batch(processor, padding_side: str = "left", samples=SAMPLES, with_answer: bool = True):
-    """(inputs, spans) for ``samples`` as one padded batch."""
-    conversations, images = [], []
-    for i, (sizes, question, answer) in enumerate(samples):
-        content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": question}]
-        turns = [{"role": "user", "content": content}]
-        if with_answer:
-            turns.append({"role": "assistant", "content": answer})
-        conversations.append(turns)
-        images.append([_image(10 * i + j, size) for j, size in enumerate(sizes)])
-    inputs = build_inputs(processor, conversations, images, padding_side=padding_side,
-                          add_generation_prompt=not with_answer)
-    inputs.pop("mm_token_type_ids", None)
-    return inputs, compute_spans(inputs["input_ids"], inputs["attention_mask"], processor)
-
-
-def eager_masses(eager, inputs, query_mask, key_mask, layers):
-    """Reference per-position masses ``[n_layers, B, H, L]`` from materialised attention."""
-    out = eager(**inputs, output_attentions=True)
-    attn = torch.stack([out.attentions[layer] for layer in layers])
-    return (attn * key_mask[None, :, None, None, :]).sum(-1) * query_mask[None, :, None, :]
-
-
-def assert_close(got, ref, tol=REL_TOL):
-    scale = ref.abs().max().clamp(min=1e-12)
-    assert float((got - ref).abs().max() / scale) <= tol, float((got - ref).abs().max() / scale)
+from pipeline.lens import IMPLEMENTATION, AttentionLens, decoder_attention_modules
+from tests.support.lens import SAMPLES, assert_close, chat_batch, eager_masses, tiny_models
 
 
 @pytest.mark.parametrize("padding_side, query_span, kernel_lse", [
@@ -242,7 +182,8 @@ def test_misuse_is_reported_clearly():
 def test_key_set_mass_backward_passes_gradcheck():
     """The hand-written backward against finite differences (float64, GQA, logit scaling,
     chunking, a padding query slot and a masked key)."""
-    from pipeline.attention import _KeySetMass, _Rows
+    from pipeline.lens.mass import KeySetMass as _KeySetMass
+    from pipeline.lens.mass import Rows as _Rows
 
     gen = torch.Generator().manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 2, 1, 5, 2
@@ -293,7 +234,7 @@ def test_text_only_qwen2_with_left_padding():
 
 def test_cuda_kernel_bias_is_the_mask_broadcast_over_heads_with_aligned_rows():
     """The additive mask handed to the CUDA memory-efficient kernel (built on any device)."""
-    from pipeline.attention import _aligned_bias
+    from pipeline.lens.kernels import _aligned_bias
 
     mask = torch.zeros(2, 1, 5, 21).masked_fill_(torch.rand(2, 1, 5, 21) > 0.5, float("-inf"))
     query = torch.zeros(2, 4, 5, 8)

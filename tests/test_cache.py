@@ -1,6 +1,6 @@
 import multiprocessing as mp
 
-from pipeline.cache import RequestCache, request_key
+from pipeline.synthesis.cache import RequestCache, request_key
 
 
 def test_key_changes_with_every_component():

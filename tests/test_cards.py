@@ -4,7 +4,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.cards import (
+from pipeline.filtering.filter import FilterConfig, run_filter
+from pipeline.publishing.cards import (
     CardStats,
     SecretLeak,
     assert_no_secrets,
@@ -13,11 +14,10 @@ from pipeline.cards import (
     size_category,
     write_card,
 )
-from pipeline.filter import FilterConfig, run_filter
-from pipeline.publish import FEATURES, PublishConfig, publish
+from pipeline.publishing.publish import FEATURES, PublishConfig, publish
 from pipeline.records import Reject
 from pipeline.store import WorkStore
-from tests.sample_factory import make_record
+from tests.support.samples import make_record
 
 
 def _front_matter(text):
@@ -167,7 +167,7 @@ def test_card_without_funnel_says_so(tmp_path):
 
 
 def test_odd_ids_make_safe_file_names():
-    from pipeline.cards import safe_name
+    from pipeline.publishing.cards import safe_name
 
     assert safe_name("0123abcd") == "0123abcd"
     odd = safe_name("../../etc/passwd")

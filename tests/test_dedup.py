@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from pipeline.dedup import DedupConfig, Deduplicator, Duplicate, shingles
+from pipeline.filtering.dedup import DedupConfig, Deduplicator, Duplicate, shingles
 from pipeline.records import RecordError
 
 WORDS = ["angle", "triangle", "side", "length", "circle", "radius", "chord", "area", "look", "back", "image", "shows", "point", "line", "parallel", "equal", "sum", "degrees", "check", "mark", "label", "value", "count", "red", "blue", "bar", "chart", "axis"]

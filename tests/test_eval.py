@@ -9,8 +9,9 @@ import datasets
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.models import load_model_and_processor
-from pipeline.vas import VASItem, model_vas
+from pipeline.vas import VASItem
+from pipeline.vas.scoring import model_vas
+from pipeline.vlm import load_model_and_processor
 from trainer import eval as evaluation
 from trainer.data import eval_examples
 

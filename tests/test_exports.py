@@ -5,9 +5,9 @@ import datasets
 import pytest
 from PIL import Image
 
-from pipeline.exports import IMAGE_TAG
-from pipeline.publish import PublishConfig, publish
-from tests.sample_factory import make_record
+from pipeline.publishing.exports import IMAGE_TAG
+from pipeline.publishing.publish import PublishConfig, publish
+from tests.support.samples import make_record
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,18 @@ import json
 
 import pytest
 
-from pipeline.filter import (
-    FUNNEL_FILE,
+from pipeline.filtering.filter import (
     FilterConfig,
     FilterStage,
-    Funnel,
     filter_records,
-    load_funnel,
-    response_format_ok,
     run_filter,
     upper_quantile_threshold,
 )
+from pipeline.filtering.funnel import FUNNEL_FILE, Funnel, load_funnel
 from pipeline.records import Reject
+from pipeline.response_format import format_ok
 from pipeline.store import WorkStore
-from tests.sample_factory import make_record, make_records
+from tests.support.samples import make_record, make_records
 
 
 def _split(items):
@@ -107,10 +105,10 @@ def test_quantile_helper_and_format_rule():
     assert upper_quantile_threshold([3.0, 1.0, 2.0], 1.0) == 1.0
     assert upper_quantile_threshold([3.0, 1.0, 2.0], 0.01) == 3.0
     assert upper_quantile_threshold([1.0, 2.0, 3.0, 4.0], 0.5) == 3.0
-    assert response_format_ok("<think>a</think>\n<answer>b</answer>")
-    assert not response_format_ok("<think> </think><answer>b</answer>")
-    assert not response_format_ok("x<think>a</think><answer>b</answer>")
-    assert not response_format_ok(None)
+    assert format_ok("<think>a</think>\n<answer>b</answer>")
+    assert not format_ok("<think> </think><answer>b</answer>")
+    assert not format_ok("x<think>a</think><answer>b</answer>")
+    assert not format_ok(None)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -17,8 +17,8 @@ import datasets
 import pytest
 
 from flows.synth import main, synth
-from pipeline.config import ConfigError
-from tests.flow_utils import (
+from pipeline.configio import ConfigError
+from tests.support.flows import (
     CI_CONFIG,
     CI_DATASET,
     REPO,
@@ -50,7 +50,7 @@ def test_bad_config_fails_before_any_work(tmp_path):
 
 
 def test_load_synth_config_validates_everything():
-    from pipeline.config import load_synth_config
+    from flows.config import load_synth_config
     config = load_synth_config(CI_CONFIG, ["run.n_shards=3"])
     assert config.run.n_shards == 3
     for bad, message in [
@@ -125,7 +125,7 @@ def test_kill_9_mid_run_then_resume_gives_the_same_dataset(reference_run, tmp_pa
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         reason_dir = tmp_path / "store" / "reason"
-        wait_for(lambda: len(list(reason_dir.glob("part-*.parquet"))) >= 2 or proc.poll() is not None,
+        wait_for(lambda: len(list(reason_dir.rglob("part-*.parquet"))) >= 2 or proc.poll() is not None,
                  timeout=240, what="the reason stage to write shards")
         assert proc.poll() is None, f"the run ended before the kill:\n{log_path.read_text()[-5000:]}"
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.flow_utils import (
+from tests.support.flows import (
     CI_CONFIG,
     CI_DATASET,
     PYTHON,

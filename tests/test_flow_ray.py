@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.flow_utils import flow_env, last_summary, published_ids, run_cli, run_overrides
+from tests.support.flows import flow_env, last_summary, published_ids, run_cli, run_overrides
 
 pytestmark = pytest.mark.slow
 

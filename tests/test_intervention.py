@@ -8,15 +8,15 @@ import copy
 import pytest
 import torch
 
-from pipeline.attention import AttentionLens
-from pipeline.intervention import (
+from pipeline.lens import AttentionLens
+from pipeline.lens.intervention import (
     InterventionConfig,
     intervene,
     key_column_scaling,
     key_factors,
     rows_after_image,
 )
-from tests.test_attention import assert_close, chat_batch, tiny_models
+from tests.support.lens import assert_close, chat_batch, tiny_models
 
 
 def test_zero_intervention_is_a_bitwise_noop_for_forward_and_generate():

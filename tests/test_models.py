@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import tiny_vlm
-from pipeline.models import (
+from pipeline.vlm import (
     QwenVLImageOnlyProcessor,
     adapter_for,
     build_inputs,
@@ -20,7 +19,8 @@ from pipeline.models import (
     load_model_and_processor,
     load_processor,
 )
-from tests.conftest import make_image
+from pipeline.vlm import tiny as tiny_vlm
+from tests.support.images import make_image
 
 # The chat template shipped with Qwen/Qwen2.5-VL-7B-Instruct (and Qwen2-VL-7B-Instruct).
 STOCK_QWEN_VL_TEMPLATE = (
@@ -170,7 +170,7 @@ def test_template_renders_like_stock_qwen_template(tiny_processor):
 def test_stock_template_is_swapped_for_generation_markers(tiny_model_dir):
     processor = QwenVLImageOnlyProcessor.from_pretrained(str(tiny_model_dir))
     processor.chat_template = STOCK_QWEN_VL_TEMPLATE
-    from pipeline.models import _install_generation_template
+    from pipeline.vlm.processing import _install_generation_template
     _install_generation_template(processor)
     assert processor.chat_template == chat_template()
     processor.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -252,7 +252,7 @@ def test_loads_a_stock_layout_checkpoint_without_torchvision(tiny_model_dir, tmp
 def test_stock_auto_processor_is_used_when_torchvision_is_there(tmp_path, monkeypatch):
     import transformers
 
-    from pipeline import models
+    from pipeline.vlm import processing as models
     (tmp_path / "processor_config.json").write_text(json.dumps(
         {"processor_class": "Qwen2_5_VLProcessor"}))
     stock = QwenVLImageOnlyProcessor.from_pretrained(str(tiny_vlm.tiny_model_path()))

@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from pipeline.attention import AttentionLens
-from pipeline.objectives import (
+from pipeline.lens import AttentionLens
+from pipeline.lens.objectives import (
     agto_applies,
     agto_terms,
     size_normalized_vas,
     vas_ratio,
     visual_reward,
 )
-from tests.test_attention import SAMPLES, chat_batch, tiny_models
+from tests.support.lens import SAMPLES, chat_batch, tiny_models
 
 EPS = 1e-6
 MIXED = [SAMPLES[0], ([], "What is 3 + 4?", "<think>3 + 4 = 7</think><answer>7</answer>"), SAMPLES[1]]

@@ -8,11 +8,12 @@ import re
 
 import pytest
 
-from pipeline.anchors import find_anchors
-from pipeline.records import validate_sample
 from pipeline.seeds import SeedsConfig, iter_seeds
-from pipeline.teachers.base import TeacherConfig, TeacherError, TeacherRequest, build_teacher
-from pipeline.teachers.programmatic import DEFAULT_MODEL, ProgrammaticTeacher
+from pipeline.synthesis.anchors import find_anchors
+from pipeline.synthesis.teachers import build_teacher
+from pipeline.synthesis.teachers.base import TeacherConfig, TeacherError, TeacherRequest
+from pipeline.synthesis.teachers.programmatic import DEFAULT_MODEL, ProgrammaticTeacher
+from tests.support.samples import teacher_stage, validate_sample
 
 FORMAT = re.compile(r"^<think>\n([\s\S]+)\n</think>\n<answer>([^<]+)</answer>$")
 REFLECTION = re.compile(
@@ -160,11 +161,10 @@ def test_failures_are_returned_with_reason_codes(records):
 
 
 def test_stages_run_end_to_end_on_the_programmatic_backend(records):
-    from pipeline.stages import build_stage
 
     batch = [r for r in records[:8]]
     for name in ("describe", "reason", "anchor"):
-        with build_stage(name, progress=False) as stage:
+        with teacher_stage(name, progress=False) as stage:
             batch = stage.run(batch)
         assert all(isinstance(r, dict) for r in batch), batch
     for r in batch:

@@ -2,7 +2,9 @@ import hashlib
 
 import pytest
 
-from pipeline.prompts import PROMPTS_DIR, PromptError, choice_letter, fence, load_template
+from pipeline.questions import choice_letter
+from pipeline.resources import prompts_dir
+from pipeline.synthesis.prompts import PromptError, fence, load_template
 
 STAGES = ("describe", "reason", "anchor")
 CTX = {"question": "In the figure, find angle C.", "choices": None, "n_images": 1, "answer_type": "number",
@@ -14,7 +16,7 @@ CTX = {"question": "In the figure, find angle C.", "choices": None, "n_images": 
 def test_shipped_templates_render_system_and_user_with_heading(name):
     tpl = load_template(name)
     assert tpl.version == "1.0.0"
-    assert tpl.sha256 == hashlib.sha256((PROMPTS_DIR / f"{name}.j2").read_bytes()).hexdigest()
+    assert tpl.sha256 == hashlib.sha256((prompts_dir() / f"{name}.j2").read_bytes()).hexdigest()
     assert tpl.provenance() == {"name": name, "version": "1.0.0", "sha256": tpl.sha256}
     system, user = tpl.render(**CTX)
     assert system["role"] == "system" and isinstance(system["content"], str) and system["content"]

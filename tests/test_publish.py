@@ -6,8 +6,8 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import publish as publish_module
-from pipeline.publish import (
+from pipeline.publishing import publish as publish_module
+from pipeline.publishing.publish import (
     MANIFEST,
     PublishConfig,
     PublishError,
@@ -17,7 +17,7 @@ from pipeline.publish import (
     split_of,
 )
 from pipeline.store import WorkStore
-from tests.sample_factory import make_record, make_records
+from tests.support.samples import make_record, make_records
 
 
 def _config(tmp_path, **kwargs):
@@ -213,7 +213,7 @@ def test_trainer_views_accept_the_published_folder(published):
 
 
 def test_choices_are_appended_once():
-    from pipeline.publish import question_text
+    from pipeline.questions import question_text
 
     embedded = "Which is largest?\nChoices:\nA. Oslo\nB. Lima"
     assert question_text(embedded, ["Oslo", "Lima"], format_hint=False) == embedded

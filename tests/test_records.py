@@ -1,24 +1,10 @@
 import copy
-import hashlib
 
 import pytest
-from PIL import Image
 
 from pipeline import records
 from pipeline.ids import sample_id
-from pipeline.images import encode_png
-
-
-def seed_record(**over):
-    png = encode_png(Image.new("RGB", (8, 6), "white"))
-    rec = {
-        "id": sample_id([png], "What is x?", "unit"),
-        "images": [{"bytes": png, "sha256": hashlib.sha256(png).hexdigest(), "width": 8,
-                    "height": 6, "format": "PNG", "path": None}],
-        "question": "What is x?", "gold_answer": "42", "answer_type": "number", "source": "unit",
-    }
-    rec.update(over)
-    return rec
+from tests.support.samples import seed_record, validate_sample
 
 
 def test_valid_seed_passes():
@@ -44,20 +30,20 @@ def test_invalid_seed_names_the_field(mutate, field):
 
 def test_sample_stage_requirements():
     rec = seed_record()
-    records.validate_sample(rec)  # a seed is a sample with nothing added yet
+    validate_sample(rec)  # a seed is a sample with nothing added yet
     with pytest.raises(records.RecordError) as exc:
-        records.validate_sample(rec, "describe")
+        validate_sample(rec, "describe")
     assert exc.value.field == "$.stages.describe"
     stage_out = {"text": "A triangle.", "teacher": {"backend": "programmatic", "model": "m"},
                  "prompt": {"name": "describe", "version": "1", "sha256": "0" * 64},
                  "sampling": {}, "usage": {"prompt_tokens": 1, "completion_tokens": 2},
                  "finished_at": records.utcnow()}
     rec["stages"] = {"describe": stage_out}
-    records.validate_sample(rec, "describe")
+    validate_sample(rec, "describe")
     bad = copy.deepcopy(rec)
     bad["stages"]["describe"]["teacher"]["backend"] = "carrier-pigeon"
     with pytest.raises(records.RecordError) as exc:
-        records.validate_sample(bad, "describe")
+        validate_sample(bad, "describe")
     assert exc.value.field == "$.stages.describe.teacher.backend"
 
 

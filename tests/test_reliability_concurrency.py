@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.store import StoreLocked, WorkStore
-from tests.reliability_utils import (
+from tests.support.reliability import (
     REPO,
     STORE_STAGES,
     HoldingResponder,
@@ -40,7 +40,7 @@ from tests.reliability_utils import (
     stop_process,
     wait_until,
 )
-from tests.teacher_server import TeacherServer
+from tests.support.teacher_server import TeacherServer
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time

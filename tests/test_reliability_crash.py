@@ -21,7 +21,7 @@ import subprocess
 
 import pytest
 
-from tests.reliability_utils import (
+from tests.support.reliability import (
     MODELS,
     REPO,
     RETRYABLE_FAULTS,
@@ -41,7 +41,7 @@ from tests.reliability_utils import (
     stage_ids,
     wait_until,
 )
-from tests.teacher_server import TeacherServer
+from tests.support.teacher_server import TeacherServer
 
 pytestmark = pytest.mark.slow
 FAULT_SEED = 11
@@ -116,11 +116,11 @@ def test_kill_9_in_reason_vas_and_publish_then_restart_gives_the_uninterrupted_d
         responder.fail_held()
         assert n < committed < 3 * n, committed
         killed_at.append(f"reason ({committed} of {3 * n} requests committed)")
-        assert not (store / "vas").exists() or not list((store / "vas").glob("part-*"))
+        assert not (store / "vas").exists() or not list((store / "vas").rglob("part-*"))
 
         # 2. VAS stage: at least one VAS shard written, publish not started
         child = spawn_flow(overrides, env, log_path)
-        wait_until(lambda: any((store / "vas").glob("part-*.parquet")), 300, "a VAS shard", alive=child)
+        wait_until(lambda: any((store / "vas").rglob("part-*.parquet")), 300, "a VAS shard", alive=child)
         kill_9(child)
         assert not (published / "data").exists()
         killed_at.append("vas")

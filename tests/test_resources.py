@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_synth_config
+from flows.config import load_synth_config
 from pipeline.store import WorkStore
-from tests.reliability_utils import (
+from tests.support.reliability import (
     CI_CONFIG,
     REPO,
     output_overrides,
@@ -38,16 +38,17 @@ MEMORY_CHILD = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from PIL import Image
-    from bench.memory import PassthroughVAS
-    from flows.components import SeedSource
-    from pipeline.config import load_synth_config
+    from tests.support.stages import PassthroughVAS
+    from pipeline.seeds.stage import SeedStage
+    from flows.config import load_synth_config
     from pipeline.executor import run_stage
-    from pipeline.filter import run_filter
+    from pipeline.filtering.filter import run_filter
     from pipeline.ids import sample_id
     from pipeline.images import encode_png, image_record
-    from pipeline.publish import publish
+    from pipeline.publishing.publish import publish
     from pipeline.seeds import SeedsConfig, iter_seeds
-    from pipeline.stages import StageConfig, build_stage
+    from pipeline.synthesis.stages import StageConfig
+    from tests.support.samples import teacher_stage
     from pipeline.store import WorkStore
     from pipeline.verify import VerifyStage
 
@@ -55,7 +56,7 @@ MEMORY_CHILD = textwrap.dedent("""
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     templates = list(iter_seeds(SeedsConfig(n=4, image_size=320)))
     for name in ("describe", "reason", "anchor"):
-        with build_stage(name, StageConfig(), progress=False) as stage:
+        with teacher_stage(name, StageConfig(), progress=False) as stage:
             templates = stage.run(templates)
     templates = PassthroughVAS().run(VerifyStage().run(templates))
     assert all(isinstance(t, dict) for t in templates), templates
@@ -79,7 +80,7 @@ MEMORY_CHILD = textwrap.dedent("""
                      f"publish.cards_dir={out / 'cards'}", *sys.argv[4:]]
         config = load_synth_config(sys.argv[3], overrides)
         store = WorkStore(out / "store")
-        run_stage(SeedSource(), store.stage("seeds"), clones(n, "seeds"), shard_size=64)
+        run_stage(SeedStage(), store.stage("seeds"), clones(n, "seeds"), shard_size=64)
         stage, batch = store.stage("vas"), []
         for record in clones(n, "vas"):
             batch.append(record)
@@ -188,7 +189,7 @@ def test_disk_full_during_publish_keeps_the_published_folder_and_the_next_publis
 
     import pyarrow.parquet as pq
 
-    from pipeline import sharding
+    from pipeline.publishing import sharding
 
     root = tmp_path / "run"
     config = small_config(root)

@@ -20,8 +20,8 @@ import datasets
 import pytest
 import torch
 
-from pipeline.models import build_inputs, load_model_and_processor
-from pipeline.spans import SpecialTokens
+from pipeline.vlm import build_inputs, load_model_and_processor
+from pipeline.vlm.spans import SpecialTokens
 from trainer import rl
 from trainer.configs import VARSConfig, parse_config
 from trainer.data import load_table, rl_dataset

@@ -21,10 +21,10 @@ import yaml
 
 from pipeline.records import Reject
 from pipeline.seeds import SeedsConfig, iter_seeds
-from pipeline.stages import StageConfig, build_stage
-from pipeline.teachers.base import TeacherConfig
-from pipeline.teachers.openai_backend import TeacherFatalError
-from tests.reliability_utils import (
+from pipeline.synthesis.stages import DescribeStage, StageConfig
+from pipeline.synthesis.teachers.base import TeacherConfig
+from pipeline.synthesis.teachers.openai_backend import TeacherFatalError
+from tests.support.reliability import (
     CI_CONFIG,
     REPO,
     AuthCheckingServer,
@@ -36,7 +36,7 @@ from tests.reliability_utils import (
     published_rows,
     seed_records,
 )
-from tests.teacher_server import ResponderError
+from tests.support.teacher_server import ResponderError
 
 SENTINELS = {
     "HF_TOKEN": "hf_SENTINELhfTokenValue0123456789abcdef",
@@ -94,7 +94,7 @@ def _describe(server_url: str, store: Path, **teacher) -> object:
     settings = {"backend": "openai", "model": "describer-test", "base_url": server_url,
                 "api_key_env": "AVAR_TEST_TEACHER_KEY", "max_retries": 1, "timeout_s": 5.0,
                 "backoff_base_s": 0.001, "backoff_max_s": 0.002}
-    return build_stage("describe", StageConfig(teacher=TeacherConfig(**{**settings, **teacher})),
+    return DescribeStage(StageConfig(teacher=TeacherConfig(**{**settings, **teacher})),
                        cache=store / "requests.sqlite", progress=False)
 
 

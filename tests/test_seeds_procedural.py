@@ -15,7 +15,7 @@ from statistics import mean
 import pytest
 from PIL import Image
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.configio import ConfigError, from_dict
 from pipeline.records import validate
 from pipeline.seeds import FAMILIES, SeedsConfig, generate_problem, iter_seeds
 from pipeline.seeds.procedural import fmt_number

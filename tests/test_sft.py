@@ -16,9 +16,9 @@ import datasets
 import pytest
 import torch
 
-from pipeline.attention import AttentionLens
-from pipeline.models import build_inputs
-from pipeline.spans import compute_spans
+from pipeline.lens import AttentionLens
+from pipeline.vlm import build_inputs
+from pipeline.vlm.spans import compute_spans
 from trainer import sft
 from trainer.configs import AGTOConfig, ModelDataFields, parse_config
 from trainer.data import (
@@ -210,9 +210,9 @@ def test_evaluation_logs_the_parts_and_outputs_come_from_a_separate_pass(tmp_pat
 
 
 def test_trains_on_the_published_layout(tmp_path):
-    """Rows made by pipeline.publish (Hub layout: data/train-*.parquet) load and train as they are."""
+    """Rows made by pipeline.publishing.publish (Hub layout: data/train-*.parquet) load and train as they are."""
     from pipeline.images import encode_png
-    from pipeline.publish import FEATURES, published_row
+    from pipeline.publishing.publish import FEATURES, published_row
 
     rows = []
     for row in toy_table(4):

@@ -3,7 +3,7 @@ import hashlib
 import datasets
 import pyarrow.parquet as pq
 
-from pipeline.sharding import RowSpill, plan_shards, write_shards
+from pipeline.publishing.sharding import RowSpill, plan_shards, write_shards
 
 FEATURES = datasets.Features({"id": datasets.Value("string"), "blob": datasets.Value("binary")})
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.models import build_inputs
-from pipeline.spans import (
+from pipeline.vlm import build_inputs
+from pipeline.vlm.spans import (
     ROLE_ASSISTANT,
     ROLE_NONE,
     ROLE_OTHER,
@@ -20,7 +20,7 @@ from pipeline.spans import (
     SpecialTokens,
     compute_spans,
 )
-from tests.conftest import make_image
+from tests.support.images import make_image
 
 SPAN_NAMES = ("system", "image", "user", "response")
 N_RANDOM = 36

@@ -5,18 +5,19 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.cache import RequestCache
 from pipeline.executor import run_stage
 from pipeline.ids import sample_id
-from pipeline.records import Reject, validate_sample
-from pipeline.stages import AnchorStage, DescribeStage, ReasonStage, StageConfig, build_stage
+from pipeline.records import Reject
 from pipeline.store import WorkStore
-from pipeline.teachers.base import (
+from pipeline.synthesis.cache import RequestCache
+from pipeline.synthesis.stages import AnchorStage, DescribeStage, ReasonStage, StageConfig
+from pipeline.synthesis.teachers.base import (
     Teacher,
     TeacherConfig,
     TeacherError,
     TeacherResponse,
 )
+from tests.support.samples import teacher_stage, validate_sample
 
 CHAIN = "<think>The angles of a triangle sum to 180. A is 50 and B is 60, so C = 70. Wait, check: 50+60+70=180.</think><answer>70</answer>"
 ANCHORED = ("<think>Look back at the image: angle A is marked 50 degrees. Check the image again: angle B "
@@ -45,11 +46,9 @@ def seed(i: int, answer_type="number", gold="70", choices=None) -> dict:
 class ScriptedTeacher(Teacher):
     """Answers per stage from ``replies`` (text, TeacherError, or a callable of the request)."""
 
-    def __init__(self, replies: dict, config: TeacherConfig | None = None, hook: bool = True):
+    def __init__(self, replies: dict, config: TeacherConfig | None = None):
         super().__init__(config or TeacherConfig(backend="openai", model="scripted"))
         self.replies, self.sent = replies, []
-        if not hook:  # a backend without the on_result hook
-            self.agenerate = self._plain
 
     async def _one(self, request):
         await asyncio.sleep(0)
@@ -67,9 +66,6 @@ class ScriptedTeacher(Teacher):
             if on_result:
                 on_result(i, out[-1])
         return out
-
-    async def _plain(self, requests):
-        return [await self._one(r) for r in requests]
 
 
 REPLIES = {"describe": "A triangle ABC; angle A is marked 50 degrees, angle B 60 degrees.",
@@ -136,7 +132,7 @@ def test_teacher_failures_and_bad_outputs_become_rejects_naming_record_and_field
     assert missing.reason == "missing_input" and missing.field == "$.stages.describe.text"
     summary = reason.usage_summary()
     assert summary["requests"] == 2 and summary["failures"] == 1
-    assert summary["rejects_by_reason"] == {"format_invalid": 1, "missing_input": 1, "teacher_timeout": 1}
+    assert summary["cache_hits"] == 0 and summary["cost_usd"] == 0
 
 
 def test_rollouts_retry_unusable_content_with_next_seed():
@@ -173,9 +169,9 @@ def test_choice_answers_and_zero_anchors_are_recorded():
     validate_sample(rec, "anchor")
 
 
-def test_teacher_without_hook_and_running_event_loop(tmp_path):
+def test_runs_inside_a_running_event_loop(tmp_path):
     cache = RequestCache(tmp_path / "c.sqlite")
-    teacher = ScriptedTeacher(REPLIES, hook=False)
+    teacher = ScriptedTeacher(REPLIES)
 
     async def inside_a_loop():
         return _pipeline([seed(1)], teacher, cache)
@@ -188,13 +184,13 @@ def test_runs_under_the_executor_into_a_work_store(tmp_path):
     store = WorkStore(tmp_path / "store")
     teacher = ScriptedTeacher(REPLIES)
     inputs = [seed(i) for i in range(3)] + [dict(seed(9), question="")]  # last breaks the contract
-    with build_stage("describe", teacher=teacher, progress=False) as stage:
+    with DescribeStage(teacher=teacher, progress=False) as stage:
         report = run_stage(stage, store.stage("describe"), inputs, shard_size=2)
     assert (report.results, report.rejects) == (3, 1)
     [bad] = list(store.stage("describe").iter_rejects())
     assert bad["reason"] == "schema_invalid" and bad["field"] == "$.question"
-    with pytest.raises(ValueError, match="unknown teacher stage"):
-        build_stage("verify")
+    with pytest.raises(KeyError, match="unknown stage"):
+        teacher_stage("translate")
 
 
 def test_programmatic_teacher_over_procedural_seeds_end_to_end(tmp_path):
@@ -206,7 +202,7 @@ def test_programmatic_teacher_over_procedural_seeds_end_to_end(tmp_path):
     cache = RequestCache(tmp_path / "requests.sqlite")
     out = records
     for name in ("describe", "reason", "anchor"):
-        with build_stage(name, cache=cache, progress=False) as stage:  # default: programmatic
+        with teacher_stage(name, cache=cache, progress=False) as stage:  # default: programmatic
             out = stage.run(out)
             assert stage.usage_summary()["requests"] == 8 and stage.usage_summary()["cost_usd"] == 0
     verified = VerifyStage().run(out)

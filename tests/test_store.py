@@ -66,11 +66,12 @@ def test_stage_is_idempotent(tmp_path, monkeypatch):
 def test_invalid_output_becomes_reject_naming_field(tmp_path):
     class Broken:
         name = "describe"
+        produces = ("stages.describe",)  # declared, but not delivered
 
         def run(self, batch):
             return [dict(r) for r in batch]  # forgets stages.describe
 
-    from tests.test_records import seed_record
+    from tests.support.samples import seed_record
     report = run_stage(Broken(), WorkStore(tmp_path).stage("describe"), [seed_record()])
     assert report.rejects == 1
     (rej,) = WorkStore(tmp_path).stage("describe").iter_rejects()

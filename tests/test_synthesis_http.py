@@ -20,15 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import RequestCache
 from pipeline.executor import run_stage
 from pipeline.seeds.config import SeedsConfig
 from pipeline.seeds.procedural import iter_procedural
-from pipeline.stages import StageConfig, build_stage
 from pipeline.store import WorkStore
-from pipeline.teachers.base import TeacherConfig
+from pipeline.synthesis.cache import RequestCache
+from pipeline.synthesis.stages import StageConfig
+from pipeline.synthesis.teachers.base import TeacherConfig
 from pipeline.verify import VerifyStage
-from tests.teacher_server import ChatCall, ResponderError, TeacherServer
+from tests.support.samples import teacher_stage
+from tests.support.teacher_server import ChatCall, ResponderError, TeacherServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"describe": "describer-test", "reason": "reasoner-test", "anchor": "anchorer-test"}
@@ -73,7 +74,7 @@ def synthesize(store_root: Path, records: list[dict], base_url: str, shard_size:
     with store.locked():
         for name in ("describe", "reason", "anchor"):
             config = StageConfig(teacher=teacher_config(base_url, name, **teacher_overrides))
-            with build_stage(name, config, cache=cache, progress=False) as stage:
+            with teacher_stage(name, config, cache=cache, progress=False) as stage:
                 run_stage(stage, store.stage(name), inputs, shard_size=shard_size)
                 summaries[name] = stage.usage_summary()
             inputs = store.stage(name).iter_records()

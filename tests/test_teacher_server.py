@@ -16,9 +16,14 @@ import openai
 import pytest
 from PIL import Image
 
-from pipeline.teachers.base import TeacherConfig, TeacherError, TeacherRequest, TeacherResponse
-from pipeline.teachers.openai_backend import OpenAITeacher
-from tests.teacher_server import TeacherServer, fixed_responder, records_to_json
+from pipeline.synthesis.teachers.base import (
+    TeacherConfig,
+    TeacherError,
+    TeacherRequest,
+    TeacherResponse,
+)
+from pipeline.synthesis.teachers.openai_backend import OpenAITeacher
+from tests.support.teacher_server import TeacherServer, fixed_responder, records_to_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +143,7 @@ def test_models_endpoint_and_bad_bodies():
 
 def test_process_mode_register_stats_and_kill(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.teacher_server", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.teacher_server", "--port", "0",
                              "--fixed-text", "from a process", "--fault", "500=0.0"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -164,7 +169,7 @@ def test_process_mode_register_stats_and_kill(tmp_path):
 
 
 def test_default_responder_is_the_programmatic_teacher():
-    programmatic = pytest.importorskip("pipeline.teachers.programmatic")
+    programmatic = pytest.importorskip("pipeline.synthesis.teachers.programmatic")
     procedural = pytest.importorskip("pipeline.seeds.procedural")
     seed = procedural.generate_problem("counting", seed=3, difficulty=1, image_size=320)
     image = seed["images"][0]["bytes"]

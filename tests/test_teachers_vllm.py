@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 import pytest
 from PIL import Image
 
-from pipeline.teachers.base import TeacherConfig, TeacherError, TeacherRequest, TeacherResponse
+from pipeline.synthesis.teachers.base import (
+    TeacherConfig,
+    TeacherError,
+    TeacherRequest,
+    TeacherResponse,
+)
 
 
 def png(width: int, height: int) -> bytes:
@@ -80,13 +85,13 @@ def fake_vllm(monkeypatch):
 
 def test_missing_vllm_gives_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
-    from pipeline.teachers.base import build_teacher
+    from pipeline.synthesis.teachers import build_teacher
     with pytest.raises(ImportError, match=r"needs vLLM.*\.\[gpu\]"):
         build_teacher(TeacherConfig(backend="vllm", model="some/model"))
 
 
 def test_batches_in_chunks_in_order_with_on_result(fake_vllm):
-    from pipeline.teachers.vllm_backend import VLLMTeacher
+    from pipeline.synthesis.teachers.vllm_backend import VLLMTeacher
     teacher = VLLMTeacher(TeacherConfig(backend="vllm", model="m", max_concurrency=3, max_pixels=600))
     requests = [request(str(i), temperature=0.5) for i in range(7)] + [request("cut")]
     seen = []
@@ -102,7 +107,7 @@ def test_batches_in_chunks_in_order_with_on_result(fake_vllm):
 
 
 def test_one_bad_request_does_not_sink_its_chunk(fake_vllm):
-    from pipeline.teachers.vllm_backend import VLLMTeacher
+    from pipeline.synthesis.teachers.vllm_backend import VLLMTeacher
     teacher = VLLMTeacher(TeacherConfig(backend="vllm", model="m", max_concurrency=8))
     corrupt = request("corrupt", images=[b"not an image"])
     results = asyncio.run(teacher.agenerate([request("a"), request("too-long"), corrupt, request("b")]))
@@ -113,7 +118,7 @@ def test_one_bad_request_does_not_sink_its_chunk(fake_vllm):
 
 
 def test_sampling_keys_are_checked(fake_vllm):
-    from pipeline.teachers.vllm_backend import sampling_kwargs
+    from pipeline.synthesis.teachers.vllm_backend import sampling_kwargs
     assert sampling_kwargs(request("a", top_k=20, seed=3)) == {"max_tokens": 32, "top_k": 20, "seed": 3}
     with pytest.raises(ValueError, match=r"request key-a: sampling keys \['logit_bias'\]"):
         sampling_kwargs(request("a", logit_bias={}))

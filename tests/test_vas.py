@@ -13,10 +13,13 @@ from PIL import Image
 from pipeline.executor import run_stage
 from pipeline.ids import sample_id
 from pipeline.images import image_record
-from pipeline.records import validate_sample
 from pipeline.store import WorkStore
-from pipeline.vas import VASConfig, VASItem, VASStage, _result, main, model_vas, score_items
-from tests.test_attention import SAMPLES, tiny_models
+from pipeline.vas import VASConfig, VASItem
+from pipeline.vas.__main__ import main
+from pipeline.vas.scoring import _result, model_vas, score_items
+from pipeline.vas.stage import VASStage
+from tests.support.lens import SAMPLES, tiny_models
+from tests.support.samples import validate_sample
 
 SOURCE = "test/vas"
 

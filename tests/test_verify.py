@@ -3,7 +3,8 @@ import threading
 import pytest
 
 from pipeline.records import Reject
-from pipeline.verify import VerifyStage, answers_match, compare, extract_answer, split_response
+from pipeline.response_format import extract_answer, split_response
+from pipeline.verify import VerifyStage, answers_match, compare
 
 CHOICES = ["30", "40°", "50", "60"]
 

@@ -13,20 +13,17 @@ silently. The user-turn text of rows without ``messages`` comes from ``prompts/t
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import datasets
-import jinja2
 from PIL import Image
 
-from pipeline.images import open_image
+from pipeline.images import ImageError, image_cell, open_image
+from pipeline.questions import question_text
 
-PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
 IMAGE_COLUMNS = ("images", "image", "decoded_image")
 QUESTION_COLUMNS = ("problem", "question", "query")
 ROLES = ("system", "user", "assistant")
@@ -73,16 +70,10 @@ def row_id(row: dict, index: int | None = None) -> str:
 
 
 def _to_image(value: Any, rid: str, where: str) -> Image.Image:
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and value.get("bytes"):
-        image = open_image(value["bytes"])
-    elif isinstance(value, dict) and value.get("path"):
-        image = open_image(Path(value["path"]).read_bytes())
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    else:
-        raise DataError(rid, where, f"not an image ({type(value).__name__})")
+    try:
+        image = value if isinstance(value, Image.Image) else open_image(image_cell(value)[0])
+    except ImageError as err:
+        raise DataError(rid, where, f"not a usable image: {err.message}") from None
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -112,19 +103,6 @@ def row_choices(row: dict) -> list[str] | None:
         except json.JSONDecodeError:
             return None
     return [str(c) for c in choices] if choices else None
-
-
-@cache
-def _template(name: str) -> jinja2.Template:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(PROMPT_DIR), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=False, autoescape=False)
-    return env.get_template(name)
-
-
-def question_text(question: str, choices: list[str] | None = None, format_hint: bool = False) -> str:
-    """The user-turn text for rows that carry no ``messages`` (rendered from prompts/trainer_question.j2)."""
-    return _template("trainer_question.j2").render(question=question.strip(), choices=choices or [],
-                                           format_hint=format_hint).strip()
 
 
 def normalize_messages(messages: list[dict], n_images: int, rid: str) -> list[dict]:

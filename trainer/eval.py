@@ -3,7 +3,7 @@
 
 - accuracy: greedy generation, the last ``<answer>`` of the output (the last non-empty line when
   a model writes no tags) graded by :func:`pipeline.verify.answers_match`;
-- VAS: the paper's model-level score (:func:`pipeline.vas.model_vas`: user-token queries,
+- VAS: the paper's model-level score (:func:`pipeline.vas.scoring.model_vas`: user-token queries,
   prefill only), raw and size-normalized, on the same prompts.
 
 Accepts MathVista-style rows (``decoded_image``/``image``, ``query``/``question``, ``answer``,
@@ -24,11 +24,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from pipeline.models import build_inputs, load_model_and_processor
-from pipeline.vas import ScoreError, VASItem, model_vas
-from pipeline.verify import answers_match, extract_answer, split_response
+from pipeline.response_format import extract_answer, format_ok
+from pipeline.vas import ScoreError, VASItem
+from pipeline.vas.scoring import model_vas
+from pipeline.verify import answers_match
+from pipeline.vlm import build_inputs, load_model_and_processor
 from trainer.data import EvalExample, eval_examples, load_table
-from trainer.models import resolve_dtype, resolve_model_path
+from trainer.models import resolve_dtype
 
 
 @dataclass
@@ -70,7 +72,7 @@ def grade(example: EvalExample, text: str) -> dict:
     correct = predicted is not None and answers_match(predicted, example.answer, example.answer_type or "text",
                                                       example.choices)
     return {"id": example.id, "predicted": predicted, "gold": example.answer, "answer_type": example.answer_type,
-            "correct": bool(correct), "answer_tag": from_tag, "format_ok": split_response(text) is not None,
+            "correct": bool(correct), "answer_tag": from_tag, "format_ok": format_ok(text),
             "output": text}
 
 
@@ -94,7 +96,7 @@ def generate(model, processor, examples: list[EvalExample], config: EvalConfig) 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    model, processor = load_model_and_processor(resolve_model_path(config.model), dtype=resolve_dtype(dtype))
+    model, processor = load_model_and_processor(config.model, dtype=resolve_dtype(dtype))
     model = model.to(device).eval()
     table = load_table(config.data, split=config.split, config=config.data_config, max_samples=config.max_samples)
     examples = eval_examples(table, format_hint=config.format_hint)

@@ -1,7 +1,7 @@
-"""Model loading for the trainers: checkpoint + processor (via :mod:`pipeline.models`), image
+"""Model loading for the trainers: checkpoint + processor (via :mod:`pipeline.vlm`), image
 budget, frozen vision tower, LoRA adapters.
 
-``model_name_or_path: tiny`` names the random-weight test model of :mod:`pipeline.tiny_vlm`
+``model_name_or_path: tiny`` names the random-weight test model of :mod:`pipeline.vlm.tiny`
 (built offline on first use), so the tiny configs run anywhere.
 """
 
@@ -14,16 +14,11 @@ from typing import Any
 
 import torch
 
-from pipeline.models import load_model_and_processor, tiny_model_path
+from pipeline.vlm import TINY_ALIAS, load_model_and_processor, resolve_model_name
 
 logger = logging.getLogger(__name__)
-TINY_ALIAS = "tiny"
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    return str(tiny_model_path()) if name_or_path == TINY_ALIAS else str(name_or_path)
 
 
 def resolve_dtype(name: str) -> Any:
@@ -78,7 +73,7 @@ def lora_config(config: Any):
 
 def load_for_training(config: Any) -> tuple[torch.nn.Module, Any, Any]:
     """``(model, processor, peft_config or None)`` as the config asks."""
-    path = resolve_model_path(config.model_name_or_path)
+    path = resolve_model_name(config.model_name_or_path)
     if not Path(path).exists() and "/" not in path:
         raise FileNotFoundError(f"model_name_or_path={config.model_name_or_path!r}: no such folder "
                                 f"(and not a Hub id); use {TINY_ALIAS!r} for the tiny test model")

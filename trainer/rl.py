@@ -7,10 +7,10 @@ part is logged on its own (``rewards/r_acc/mean``, ``rewards/r_visual/mean``,
 
 - ``r_acc``: the rollout's ``<answer>`` matches the gold answer (:func:`pipeline.verify.answers_match`);
 - ``r_visual``: the policy's own attention from its response tokens to the image, relative to the
-  system prompt (:func:`pipeline.objectives.visual_reward`), measured by the lens on a
+  system prompt (:func:`pipeline.lens.objectives.visual_reward`), measured by the lens on a
   teacher-forced forward of prompt + completion under ``no_grad``; 0 when the answer is wrong;
 - ``r_format``: 1 when the whole completion is ``<think>...</think><answer>...</answer>``
-  (:func:`pipeline.verify.split_response`).
+  (:func:`pipeline.response_format.split_response`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from pipeline.attention import AttentionLens
-from pipeline.models import build_inputs
-from pipeline.objectives import visual_reward
-from pipeline.spans import SpecialTokens, compute_spans
-from pipeline.verify import answers_match, extract_answer, split_response
+from pipeline.lens import AttentionLens
+from pipeline.lens.objectives import visual_reward
+from pipeline.response_format import extract_answer, format_ok
+from pipeline.verify import answers_match
+from pipeline.vlm import build_inputs
+from pipeline.vlm.spans import SpecialTokens, compute_spans
 from trainer.configs import VARSConfig, parse_config
 from trainer.data import load_table, rl_dataset, strip_nulls
 from trainer.models import fit_and_save, load_for_training
@@ -77,7 +78,7 @@ class FormatReward:
     __name__ = "r_format"
 
     def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
-        return [1.0 if split_response(completion_text(c)) is not None else 0.0 for c in completions]
+        return [1.0 if format_ok(completion_text(c)) else 0.0 for c in completions]
 
 
 class VisualReward:

@@ -2,9 +2,9 @@
 
 ``L = L_LM + alpha * L_enh + beta * L_sup`` (SPEC "AGTO"). The LM loss is TRL's, on the
 response tokens only (the chat template's generation markers); the AGTO terms come from the
-attention lens (:mod:`pipeline.attention`) observing the SAME forward pass, with the user tokens
-as queries and the image / system tokens as key sets (:mod:`pipeline.spans`), reduced by
-:func:`pipeline.objectives.agto_terms`. ``alpha = beta = 0`` is plain SFT: no lens runs.
+attention lens (:mod:`pipeline.lens`) observing the SAME forward pass, with the user tokens
+as queries and the image / system tokens as key sets (:mod:`pipeline.vlm.spans`), reduced by
+:func:`pipeline.lens.objectives.agto_terms`. ``alpha = beta = 0`` is plain SFT: no lens runs.
 
 Runs under ``accelerate launch`` (DDP, DeepSpeed, FSDP) like any TRL trainer; checkpoints and
 ``--resume_from_checkpoint`` are the Trainer's.
@@ -21,9 +21,9 @@ import torch
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from pipeline.attention import AttentionLens
-from pipeline.objectives import agto_applies, agto_terms, vas_ratio
-from pipeline.spans import SpecialTokens, compute_spans
+from pipeline.lens import AttentionLens
+from pipeline.lens.objectives import agto_applies, agto_terms, vas_ratio
+from pipeline.vlm.spans import SpecialTokens, compute_spans
 from trainer.configs import AGTOConfig, parse_config
 from trainer.data import load_table, sft_dataset, strip_nulls
 from trainer.models import fit_and_save, load_for_training

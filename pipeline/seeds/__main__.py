@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.seeds import FAMILIES, SeedsConfig, iter_seeds
-from pipeline.teachers.programmatic import write
+from pipeline.synthesis.teachers.programmatic import write
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,17 +16,14 @@ wrongly typed ones ``schema_invalid``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from pipeline.ids import sample_id
-from pipeline.images import ImageError, image_record
+from pipeline.images import ImageError, image_cell, image_record
 from pipeline.records import RecordError, Reject, validate
 from pipeline.seeds.config import SeedsConfig
 
@@ -164,40 +161,6 @@ def iter_dataset(config: SeedsConfig) -> Iterator[dict | Reject]:
         index += 1
 
 
-def _image_bytes(item: Any, field: str, base: Path | None) -> tuple[bytes, str | None]:
-    if isinstance(item, dict):
-        if item.get("bytes") is not None:
-            return bytes(item["bytes"]), item.get("path")
-        if item.get("path"):
-            return _read_path(str(item["path"]), field, base), str(item["path"])
-        raise RowError("field_missing", field, "image entry has neither bytes nor a path")
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return bytes(item), None
-    if isinstance(item, (str, os.PathLike)):
-        return _read_path(os.fspath(item), field, base), os.fspath(item)
-    if hasattr(item, "save") and hasattr(item, "size"):  # a decoded PIL image
-        buf = io.BytesIO()
-        item.save(buf, format="PNG")
-        return buf.getvalue(), None
-    raise RowError(
-        "schema_invalid",
-        field,
-        f"expected image bytes, a path or an {{bytes, path}} dict, got {type(item).__name__}",
-    )
-
-
-def _read_path(raw: str, field: str, base: Path | None) -> bytes:
-    path = Path(raw).expanduser()
-    if not path.is_absolute() and base is not None:
-        path = base / path
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError("image_missing", f"file {path} does not exist") from None
-    except OSError as err:
-        raise ImageError("image_missing", f"cannot read {path}: {err.strerror or err}") from None
-
-
 def _text_field(row: dict, column: str, what: str) -> str:
     field = f"$.{column}"
     if column not in row:
@@ -277,7 +240,7 @@ def row_to_seed(
         for k, item in enumerate(items):
             field = f"$.{column}[{k}]" if many else f"$.{column}"
             try:
-                data, path = _image_bytes(item, field, base)
+                data, path = image_cell(item, base)
                 images.append(image_record(data, path=path, max_pixels=config.max_source_pixels))
             except ImageError as err:
                 path_hint = (

@@ -1,6 +1,6 @@
 """Worked solutions and descriptions written from procedural ``scene`` metadata.
 
-Used by the programmatic teacher (:mod:`pipeline.teachers.programmatic`). Each family module has
+Used by the programmatic teacher (:mod:`pipeline.synthesis.teachers.programmatic`). Each family module has
 ``describe(scene)`` (global scan, parts, links, synthesized scene) and ``solve(scene, voice)``,
 which re-derives the answer from the scene's elements alone and writes the chain twice at once:
 a plain version (reason stage) and a version whose image-dependent steps return to the image

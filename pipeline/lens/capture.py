@@ -1,0 +1,178 @@
+"""What the lens records of one forward pass (:class:`Capture`) and how to ask for it
+(:class:`AttentionLens`); see :mod:`pipeline.lens` for the method."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.lens.mass import KeySetMass, Rows, compact, masses_from_lse
+from pipeline.lens.modules import (
+    LENS_ATTR,
+    decoder_attention_modules,
+    patched_attention,
+    resolve_layers,
+)
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class Capture:
+    """Per-query attention masses of one forward pass (filled by :meth:`AttentionLens.capture`).
+
+    ``masses`` is float32 ``[n_layers, B, H, Qmax, n_sets]``; query ``j`` of sample ``b`` is
+    sequence position ``query_index[b, j]`` where ``query_valid[b, j]`` (padding slots hold 0).
+    Set names are ``set_names`` (the keyword names given to ``capture``, plus ``"total"``: the mass
+    on all allowed keys, 1 up to rounding).
+    """
+
+    layers: list[int]
+    query_mask: torch.Tensor
+    key_masks: dict[str, torch.Tensor]
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    kernel_lse: bool = True
+    _by_layer: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def set_names(self) -> list[str]:
+        return [*self.key_masks, "total"]
+
+    @property
+    def masses(self) -> torch.Tensor:
+        missing = [layer for layer in self.layers if layer not in self._by_layer]
+        if missing:
+            raise RuntimeError(f"no attention was observed for layers {missing}: run exactly one forward "
+                               "pass of the model inside the capture block")
+        device = self._by_layer[self.layers[0]].device  # layers may sit on several devices
+        return torch.stack([self._by_layer[layer].to(device) for layer in self.layers])
+
+    def mass(self, name: str) -> torch.Tensor:
+        """``[n_layers, B, H, Qmax]`` mass on key set ``name`` (0 at padding query slots)."""
+        if name not in self.set_names:
+            raise KeyError(f"unknown key set {name!r}; captured {self.set_names}")
+        return self.masses[..., self.set_names.index(name)]
+
+    @property
+    def image(self) -> torch.Tensor:
+        return self.mass("image")
+
+    @property
+    def system(self) -> torch.Tensor:
+        return self.mass("system")
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.mass("total")
+
+    def dense(self, name: str) -> torch.Tensor:
+        """``[n_layers, B, H, L]`` per-position masses, zero outside the query mask."""
+        compact = self.mass(name)
+        n_layers, batch, heads, _ = compact.shape
+        out = compact.new_zeros(n_layers, batch, heads, self.query_mask.shape[1])
+        index = self.query_index.to(compact.device)[None, :, None, :].expand_as(compact)
+        return out.scatter_add(-1, index, compact * self.query_valid.to(compact.device)[None, :, None, :])
+
+    def key_counts(self, name: str) -> torch.Tensor:
+        """``[B]`` number of keys in set ``name`` (e.g. ``|I|``)."""
+        return self.key_masks[name].sum(dim=1)
+
+    def _observe(self, module, query, key, attention_mask, scale: float, patch, lse):
+        layer = module.layer_idx
+        recomputing = torch._C._current_graph_task_id() != -1  # activation checkpointing, in backward
+        if layer in self._by_layer and not recomputing:
+            raise RuntimeError(f"layer {layer} ran twice inside one capture; capture one forward pass")
+        # recomputation must save the same tensors as the original forward, so it computes again;
+        # the first result (the one the loss was built from) is kept
+        masses = self._compute(module, query, key, attention_mask, scale, patch, lse)
+        self._by_layer.setdefault(layer, masses)
+
+    def _compute(self, module, query, key, attention_mask, scale, patch, lse):
+        batch, heads, q_len, _ = query.shape
+        kv_len = key.shape[2]
+        if self.query_mask.shape != (batch, q_len):
+            raise ValueError(f"query_mask has shape {tuple(self.query_mask.shape)} but layer "
+                             f"{module.layer_idx} sees {batch} sequences of {q_len} tokens")
+        device = query.device
+        index, valid = self.query_index.to(device), self.query_valid.to(device)
+        positions = index + (kv_len - q_len)  # key-space position of each query row
+        causal = getattr(module, "is_causal", True)
+        # keys after the last selected query are masked under causal attention: skip them
+        k_end = kv_len
+        if causal and (attention_mask is not None or q_len > 1):
+            k_end = max(1, min(kv_len, int(positions.max()) + 1))
+        spec = Rows(attention_mask, index, valid, upper_left_causal=attention_mask is None and q_len > 1 and causal)
+        if patch is not None:
+            spec.scaled = patch.rows(positions)
+            spec.key_factor = patch.key_factor(k_end, device, torch.float32)
+        key_sets = torch.stack([m.to(device)[:, :k_end] for m in self.key_masks.values()], dim=-1)
+        if lse is not None:
+            width = max(1, int(key_sets.any(-1).sum(1).max()))
+            chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * width))
+            return masses_from_lse(query, key, lse, key_sets, spec, scale, chunk_rows)
+        with_total = torch.cat([key_sets, torch.ones_like(key_sets[..., :1])], dim=-1)
+        chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * k_end))
+        return KeySetMass.apply(query, key[:, :, :k_end], with_total, spec, scale, chunk_rows)
+
+
+class AttentionLens:
+    """Exact per-query attention mass on key sets for chosen layers of a decoder model.
+
+    Args:
+        model: a transformers decoder or vision-language model (Qwen2 / Qwen2.5-VL family).
+        layers: decoder layer indices to observe (negative from the end); None = all.
+        chunk_bytes: memory budget for one chunk of selected-query scores (float32).
+        kernel_lse: without gradients, take the row log-sum-exp from the SDPA kernel (CPU or
+            CUDA) and score only the keys of the sets (fast); False always scores whole rows.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernel_lse: bool = True):
+        self.model = model
+        self.modules = resolve_layers(decoder_attention_modules(model), layers)
+        self.layers = [m.layer_idx for m in self.modules]
+        self.chunk_bytes = int(chunk_bytes)
+        self.kernel_lse = bool(kernel_lse)
+
+    @contextmanager
+    def capture(self, query_mask: torch.Tensor, image_mask: torch.Tensor | None = None,
+                system_mask: torch.Tensor | None = None,
+                key_masks: Mapping[str, torch.Tensor] | None = None) -> Iterator[Capture]:
+        """Observe one forward pass; ``image_mask``/``system_mask`` become key sets "image"/"system".
+
+        All masks are bool ``[B, L]``; ``key_masks`` adds further named key sets.
+        """
+        sets: dict[str, torch.Tensor] = {}
+        named = [("image", "image_mask", image_mask), ("system", "system_mask", system_mask)]
+        named += [(name, f"key_masks[{name!r}]", mask) for name, mask in (key_masks or {}).items()]
+        for name, label, mask in named:
+            if mask is not None:
+                sets[name] = _bool_mask(label, mask, query_mask.shape)
+        if "total" in sets:
+            raise ValueError("'total' is reserved for the mass on all keys")
+        if not sets:
+            raise ValueError("give at least one key set (image_mask, system_mask or key_masks)")
+        query_mask = _bool_mask("query_mask", query_mask, query_mask.shape)
+        index, valid = compact(query_mask)
+        cap = Capture(self.layers, query_mask, sets, index, valid, self.chunk_bytes, self.kernel_lse)
+        with patched_attention(self.modules, LENS_ATTR, [cap] * len(self.modules)):
+            yield cap
+
+
+def _bool_mask(name: str, mask: torch.Tensor, shape) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError(f"{name} must be a [batch, seq_len] tensor, got {type(mask).__name__} "
+                         f"{tuple(getattr(mask, 'shape', ()))}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)} like query_mask")
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must be boolean (or 0/1)")
+        mask = mask.bool()
+    return mask

@@ -1,0 +1,107 @@
+"""``python -m pipeline.vas``: score a work-store stage, a saved dataset or parquet/jsonl files.
+
+    python -m pipeline.vas --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/my/verify \\
+        --out vas.parquet --queries response        # or --queries user (the paper's VAS)
+
+Writes one row per sample (``status`` ok or the reject reason); ``.jsonl`` output resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from pipeline.atomic import atomic_file
+from pipeline.executor import batched
+from pipeline.images import image_cells
+from pipeline.records import Reject
+from pipeline.vas import VASConfig
+from pipeline.vas.stage import VASStage
+
+
+def read_records(path: str) -> Iterable[dict]:
+    """Sample-like records from a work-store stage folder, a saved HF dataset, or parquet/jsonl
+    file(s) with ``image``/``images``, ``question`` and ``response`` columns."""
+    from pathlib import Path
+
+    from pipeline.ids import sample_id
+    from pipeline.store import StageStore, is_stage_folder
+
+    root = Path(path)
+    if is_stage_folder(root):
+        yield from StageStore(root.parent, root.name).iter_records()
+        return
+    import datasets
+
+    if root.is_dir() and ((root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()):
+        data = datasets.load_from_disk(str(root))
+        data = data[next(iter(data))] if isinstance(data, datasets.DatasetDict) else data
+    else:
+        files = (sorted(root.glob("**/*.parquet")) or sorted(root.glob("**/*.jsonl"))) if root.is_dir() else [root]
+        if not files:
+            raise FileNotFoundError(f"{path}: no work-store shards, saved dataset, parquet or jsonl files")
+        kind = "json" if files[0].suffix in (".jsonl", ".json") else "parquet"
+        data = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    for index, row in enumerate(data):
+        blobs = image_cells(row.get("images", row.get("image")))
+        question = row.get("question") or ""
+        rid = str(row.get("id") or sample_id(blobs, question, f"row-{index}"))
+        yield {"id": rid, "question": question, "response": row.get("response"),
+               "images": [{"bytes": blob} for blob in blobs], "source": row.get("source")}
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    import polars as pl
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.vas", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="hub id, local folder, or 'tiny'")
+    parser.add_argument("--data", required=True, help="work-store stage folder, saved HF dataset, parquet/jsonl")
+    parser.add_argument("--out", required=True, help="scores as .parquet or .jsonl (jsonl resumes: done ids skipped)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="decoder layers (default all)")
+    parser.add_argument("--queries", choices=["user", "response"], default="response")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-pixels", type=int, default=262144)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args(argv)
+    config = VASConfig(model=args.model, queries=args.queries, layers=args.layers, batch_size=args.batch_size,
+                       max_pixels=args.max_pixels, device=args.device, dtype=args.dtype)
+    out = Path(args.out)
+    if out.suffix not in (".parquet", ".jsonl"):
+        parser.error(f"--out must end in .parquet or .jsonl, got {out.name}")
+    done: set[str] = set()
+    if out.suffix == ".jsonl" and out.exists():
+        done = {json.loads(line)["id"] for line in out.read_text().splitlines() if line.strip()}
+    stage = VASStage(config)
+    rows: list[dict] = []
+    for chunk in batched((r for r in read_records(args.data) if r["id"] not in done), 64):
+        new_rows = []
+        for record, result in zip(chunk, stage.run(chunk), strict=True):
+            if isinstance(result, Reject):
+                new_rows.append({"id": record["id"], "status": result.reason, "message": result.message})
+            else:
+                new_rows.append({"id": record["id"], "status": "ok", **result["vas"]})
+        if out.suffix == ".jsonl":
+            with out.open("a") as fh:
+                fh.writelines(json.dumps(row) + "\n" for row in new_rows)
+        rows += new_rows
+    if out.suffix == ".parquet":
+        with atomic_file(out) as fh:
+            pl.DataFrame(rows, infer_schema_length=None).write_parquet(fh)
+    scored = [r for r in rows if r["status"] == "ok"]
+    if scored:
+        raw = sum(r["raw"] for r in scored) / len(scored)
+        normalized = sum(r["normalized"] for r in scored) / len(scored)
+        print(f"VAS ({args.queries}) over {len(scored)} samples: raw {raw:.4f}, normalized {normalized:.4f}")
+    skipped = len(rows) - len(scored)
+    print(f"wrote {len(rows)} rows to {out} ({skipped} not scored{', ' + str(len(done)) + ' already done' if done else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,107 @@
+"""Scoring: the reference model under the attention lens, batched by length."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.lens import AttentionLens
+from pipeline.lens.objectives import size_normalized_vas, vas_ratio
+from pipeline.vas import DEFAULT_EPS, ScoreError, VASConfig, VASItem
+from pipeline.vlm import build_inputs, compute_spans, load_model_and_processor
+
+
+def load_scoring_model(config: VASConfig):
+    """(model, processor) for ``config.model`` on ``config.device`` in eval mode."""
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model, processor = load_model_and_processor(config.model, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    return model.to(device).eval(), processor
+
+
+
+def _conversation(item: VASItem, queries: str) -> list[dict]:
+    content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": item.question}]
+    turns = [{"role": "user", "content": content}]
+    if queries == "response":
+        turns.append({"role": "assistant", "content": item.response})
+    return turns
+
+
+def _length_estimate(item: VASItem, max_pixels: int | None) -> int:
+    """Sort key: characters plus image tokens (an image token covers 28x28 pixels)."""
+    text = len(item.question) + len(item.response or "")
+    pixels = sum(min(im.width * im.height, max_pixels or im.width * im.height) for im in item.images)
+    return text // 3 + pixels // (28 * 28)
+
+
+def score_items(model, processor, items: Sequence[VASItem], config: VASConfig,
+                model_name: str | None = None) -> list[dict | ScoreError]:
+    """VAS record (``schemas/sample.schema.json#vas``) or :class:`ScoreError` per item, in order."""
+    lens = AttentionLens(model, layers=config.layers)
+    device = next(model.parameters()).device
+    results: list[dict | ScoreError | None] = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: -_length_estimate(items[i], config.max_pixels))
+    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    base = {"model": model_name or config.model, "queries": config.queries, "max_pixels": config.max_pixels,
+            "layers": list(lens.layers)}
+    bar = tqdm(total=len(items), desc=f"VAS ({config.queries})", unit="sample", disable=not config.progress)
+    for batch in batches:
+        conversations = [_conversation(items[i], config.queries) for i in batch]
+        inputs = build_inputs(processor, conversations, [items[i].images for i in batch],
+                              padding_side="right", max_pixels=config.max_pixels)
+        spans = compute_spans(inputs["input_ids"], inputs["attention_mask"], processor)
+        query = spans.user if config.queries == "user" else spans.response
+        with torch.no_grad(), lens.capture(query.to(device), spans.image.to(device), spans.system.to(device)) as cap:
+            model(**inputs.to(device), logits_to_keep=1)
+        raw = vas_ratio(cap, config.eps).cpu()
+        n_image, n_system, n_query = spans.image.sum(1), spans.system.sum(1), query.sum(1)
+        normalized = size_normalized_vas(raw, n_image, n_system)
+        for row, i in enumerate(batch):
+            results[i] = _result(base, float(raw[row]), float(normalized[row]), int(n_image[row]),
+                                 int(n_system[row]), int(n_query[row]))
+        bar.update(len(batch))
+    bar.close()
+    return results
+
+
+def _result(base: dict, raw: float, normalized: float, n_image: int, n_system: int, n_query: int):
+    if n_system == 0:
+        return ScoreError("vas_no_system_tokens", "the chat has no system span, so the ratio is undefined")
+    if n_image == 0:
+        return ScoreError("vas_no_image_tokens", "no image token in the model input")
+    if n_query == 0:
+        return ScoreError("vas_no_query_tokens", f"the {base['queries']} span is empty")
+    return {**base, "raw": raw, "normalized": normalized, "n_image_tokens": n_image, "n_system_tokens": n_system}
+
+
+
+@dataclass
+class ModelVAS:
+    """Model-level VAS over a probe set: means of the per-sample scores that are defined."""
+
+    raw: float
+    normalized: float
+    n_scored: int
+    n_skipped: int
+    per_sample: list[dict | ScoreError]
+
+
+def model_vas(model, processor, items: Iterable[VASItem], layers: Sequence[int] | None = None,
+              batch_size: int = 4, max_pixels: int | None = 262144, eps: float = DEFAULT_EPS,
+              model_name: str = "model", progress: bool = True) -> ModelVAS:
+    """The paper's VAS of ``model``: queries ``U``, prefill only, mean over layers, heads, tokens
+    and the probe set (samples that cannot be scored are counted in ``n_skipped``)."""
+    config = VASConfig(model=model_name, queries="user", layers=list(layers) if layers is not None else None,
+                       batch_size=batch_size, max_pixels=max_pixels, eps=eps, progress=progress)
+    scores = score_items(model, processor, list(items), config, model_name=model_name)
+    good = [s for s in scores if not isinstance(s, ScoreError)]
+    mean = (lambda key: sum(s[key] for s in good) / len(good)) if good else (lambda key: float("nan"))
+    return ModelVAS(raw=mean("raw"), normalized=mean("normalized"), n_scored=len(good),
+                    n_skipped=len(scores) - len(good), per_sample=scores)
+

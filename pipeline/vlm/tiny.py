@@ -1,0 +1,216 @@
+"""A tiny random-weight Qwen2.5-VL (or Qwen2-VL), built offline in a few seconds.
+
+It has the real architecture (vision tower with window attention, patch merger, GQA text
+model with M-RoPE), a byte-level BPE tokenizer trained here on a small embedded corpus with the
+Qwen-VL special tokens, and the Qwen-VL chat template - so token ids, spans, image-token counts
+and attention shapes behave exactly as with the 7B model, only smaller and meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+TINY_VERSION = "v3"  # bump when the build changes: a new folder name forces a rebuild
+DONE_MARKER = "avar_tiny_model.json"
+
+# The Qwen2.5-VL special tokens, in the stock order (ids follow the trained vocabulary).
+QWEN_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+
+TINY_TEXT = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 8192}
+TINY_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+               "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+               "window_size": 112, "fullatt_block_indexes": [1]}
+TINY_MAX_PIXELS = 28 * 28 * 64  # at most 64 image tokens per image by default
+TINY_MIN_PIXELS = 28 * 28 * 4
+
+_CORPUS = """\
+You are a helpful assistant.
+Look at the image and answer the question. Think step by step.
+<think> Let me look back at the image. The triangle ABC has a right angle at C. </think>
+<answer> 40 </answer>
+The angle at B is marked 40 degrees, so the angle at A is 180 - 90 - 40 = 50 degrees.
+Check the image again: the bar for March is taller than the bar for April.
+The circle has radius 3, so its area is 9 pi and its circumference is 6 pi.
+Wait, I should double-check this step. The length of the side is 5, not 4.
+In the figure, the line segment AB is parallel to CD, and angle 1 equals angle 2.
+The table shows the number of students in each class: 12, 15, 18 and 21.
+Therefore the answer is option B. The final answer is 7.
+A rectangle has a width of 6 cm and a height of 4 cm; the perimeter is 20 cm.
+The graph of y = 2x + 1 crosses the y-axis at 1 and has slope 2.
+There are three red balls, two blue balls and one green ball in the picture.
+The probability of drawing a red ball is 3/6 = 1/2.
+Solve for x: 3x + 5 = 20, so 3x = 15 and x = 5.
+The volume of the cube with edge 2 is 8 cubic units.
+Looking at the chart again, the highest value is in the second column.
+Let me verify: 12 times 4 equals 48, and 48 divided by 6 equals 8.
+The shaded region is a quarter of the square, so its area is 25 / 4.
+Hmm, that does not match the picture. Let me reconsider the diagram.
+Question: What is the value of x in the figure? Choices: A. 30 B. 45 C. 60 D. 90
+system user assistant
+"""
+
+
+def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
+    """The default tiny model folder, built on first use and reused afterwards.
+
+    ``cache_dir`` defaults to ``$AVAR_CACHE`` or ``~/.cache/avar``. The build happens in a
+    temporary folder renamed into place, under a file lock, so concurrent processes neither
+    both build nor ever see a half-written model.
+    """
+    root = Path(cache_dir or os.environ.get("AVAR_CACHE") or Path.home() / ".cache" / "avar")
+    final = root / "models" / f"tiny-qwen2.5-vl-{TINY_VERSION}"
+    if (final / DONE_MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / DONE_MARKER).is_file():
+            return final
+        if final.exists():  # a folder without marker is debris of an older scheme: replace
+            shutil.rmtree(final)
+        build_tiny_model(final, seed=0)
+    return final
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, model_type: str = "qwen2_5_vl",
+                     vocab_size: int = 4096, max_pixels: int = TINY_MAX_PIXELS,
+                     min_pixels: int = TINY_MIN_PIXELS, vision: dict | None = None,
+                     **text_overrides: Any) -> Path:
+    """Build a seeded random-weight VLM with tokenizer and processor into ``out_dir``.
+
+    Text-model fields (``hidden_size``, ``num_hidden_layers``, ...) come as keyword overrides,
+    vision-tower fields as ``vision={...}``. M-RoPE sections are derived from the head size.
+    ``model_type`` is ``qwen2_5_vl`` or ``qwen2_vl``. Written atomically (temp folder, rename);
+    an existing ``out_dir`` is an error.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    from pipeline.vlm.processing import QwenVLImageOnlyProcessor, chat_template
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"tiny model folder {out_dir} already exists")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tokenizer = train_tokenizer(vocab_size=vocab_size, seed=seed)
+        vision = {**TINY_VISION, **(vision or {})}
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision["patch_size"],
+            merge_size=vision["spatial_merge_size"],
+            temporal_patch_size=vision["temporal_patch_size"])
+        processor = QwenVLImageOnlyProcessor(image_processor, tokenizer,
+                                             chat_template=chat_template())
+        tokenizer.chat_template = processor.chat_template
+        model = _build_model(tokenizer, model_type, seed, vision, text_overrides)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        marker = {"version": TINY_VERSION, "seed": seed, "model_type": model_type,
+                  "vocab_size": vocab_size, "vision": vision, "text_overrides": text_overrides}
+        (tmp / DONE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def train_tokenizer(vocab_size: int = 4096, seed: int = 0):
+    """A byte-level BPE ``Qwen2Tokenizer`` (Qwen's pre-tokenizer regex) trained on the embedded
+    corpus plus seeded arithmetic sentences, with the Qwen-VL special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    bpe = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN_VL_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(_corpus_lines(seed), trainer)
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, unk_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               extra_special_tokens=list(QWEN_VL_SPECIAL_TOKENS),
+                               model_max_length=32768)
+    tokenizer.image_token = "<|image_pad|>"
+    return tokenizer
+
+
+def _corpus_lines(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = _CORPUS.splitlines() * 200  # weight real text so its words merge first
+    words = sorted({w.strip(".,:;?") for line in lines for w in line.split()})
+    # Seeded pseudo-words give the BPE enough distinct pairs for a few thousand merges.
+    syllables = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ar", "en")]
+    words += ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(4000)]
+    for _ in range(4000):
+        a, b = rng.randint(0, 999), rng.randint(1, 99)
+        lines.append(f"Step {rng.randint(1, 9)}: {a} + {b} = {a + b}, so x = {a * b}.")
+        lines.append(" ".join(rng.choice(words) for _ in range(12)))
+    return lines
+
+
+def _build_model(tokenizer, model_type: str, seed: int, vision: dict, text_overrides: dict):
+    import transformers
+
+    text = {**TINY_TEXT, **text_overrides}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL_TOKENS}
+    text.update(vocab_size=_round_up(len(tokenizer), 64), bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters=mrope_parameters(text["hidden_size"], text["num_attention_heads"]))
+    common = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+              "vision_start_token_id": ids["<|vision_start|>"],
+              "vision_end_token_id": ids["<|vision_end|>"], "text_config": text}
+    if model_type == "qwen2_5_vl":
+        config = transformers.Qwen2_5_VLConfig(
+            vision_config={**vision, "out_hidden_size": text["hidden_size"]}, **common)
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
+    elif model_type == "qwen2_vl":
+        config = transformers.Qwen2VLConfig(vision_config={
+            "depth": vision["depth"], "embed_dim": vision["hidden_size"],
+            "num_heads": vision["num_heads"], "mlp_ratio": 2, "patch_size": vision["patch_size"],
+            "spatial_merge_size": vision["spatial_merge_size"],
+            "temporal_patch_size": vision["temporal_patch_size"],
+            "hidden_size": text["hidden_size"]}, **common)
+        cls = transformers.Qwen2VLForConditionalGeneration
+    else:
+        raise ValueError(f"unsupported tiny model_type {model_type!r}: qwen2_5_vl or qwen2_vl")
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model
+
+
+def mrope_parameters(hidden_size: int, num_attention_heads: int) -> dict:
+    """Qwen2-VL M-RoPE ``rope_parameters`` for a head size: the stock [2, 3, 3] / 8 split of the
+    ``head_dim / 2`` rotary pairs (``[16, 24, 24]`` for Qwen2.5-VL-7B's head size 128)."""
+    head_dim = hidden_size // num_attention_heads
+    if head_dim % 16:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 16 for M-RoPE sections")
+    unit = head_dim // 16
+    return {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2 * unit, 3 * unit, 3 * unit]}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -1,0 +1,1 @@
+"""Prompt templates, shipped as package data (``pipeline.resources.prompts``); see README.md."""

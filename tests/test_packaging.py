@@ -1,0 +1,73 @@
+"""The package as a user installs it: a wheel holds every module, the prompts, the schemas and the
+card template, and a fresh environment renders a prompt and validates a record from it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    # built from a copy of what a source distribution holds: building in place would leave
+    # build/ and *.egg-info in the checkout
+    src = out / "src"
+    for rel in ("pipeline", "flows", "trainer", "prompts", "schemas"):
+        shutil.copytree(REPO / rel, src / rel, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / rel, src / rel)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(out / "dist"), str(src)], check=True, capture_output=True)
+    [built] = (out / "dist").glob("avar-*.whl")
+    return built
+
+
+def test_the_wheel_holds_every_module_and_data_file(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {str(p.relative_to(REPO)) for pkg in ("pipeline", "flows", "trainer")
+                for p in (REPO / pkg).rglob("*.py")}
+    expected |= {f"pipeline/resources/prompts/{p.relative_to(REPO / 'prompts')}"
+                 for p in (REPO / "prompts").rglob("*") if p.suffix in (".j2", ".jinja", ".md")}
+    expected |= {f"pipeline/resources/schemas/{p.name}" for p in (REPO / "schemas").glob("*.json")}
+    expected |= {"pipeline/publishing/templates/data_card.md.j2"}
+    assert expected - names == set()
+    assert not [n for n in names if n.startswith(("tests/", "bench/"))]
+
+
+def test_a_fresh_environment_renders_a_prompt_and_validates_a_record(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                   check=True, capture_output=True)
+    # dependencies (jinja2, jsonschema, ...) from this environment, without its editable avar
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    code = textwrap.dedent("""
+        import hashlib, pipeline
+        from pipeline.records import validate
+        from pipeline.synthesis.prompts import load_template
+        messages = load_template("describe").render(question="What is x?", choices=None,
+                                                   answer_type="number", n_images=1)
+        png = bytes.fromhex("89504e470d0a1a0a")
+        validate("seed", {"id": "0" * 32, "images": [{"bytes": png, "sha256": hashlib.sha256(png).hexdigest(),
+                 "width": 1, "height": 1, "format": "PNG", "path": None}], "question": "What is x?",
+                 "gold_answer": "2", "answer_type": "number", "source": "unit"})
+        print(pipeline.__file__)
+        print(messages[1]["content"][0]["text"].splitlines()[0])
+    """)
+    out = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    where, heading = out.stdout.split("\n")[:2]
+    assert where.startswith(str(venv)), where  # the installed copy, not the checkout
+    assert heading == "## Task: describe"
