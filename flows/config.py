@@ -100,6 +100,11 @@ class SynthConfig:
     publish: PublishConfig = field(default_factory=PublishConfig, metadata={
         "help": "Where and how the dataset and its data card are written (and pushed)."})
 
+    def __post_init__(self):
+        if self.stages.describe.teacher.modality == "text":
+            raise ValueError("stages.describe.teacher.modality: describe writes what the image shows; "
+                             "its teacher must read the images (vision, a VLM)")
+
     def digest(self) -> str:
         """Provenance digest: the output-relevant settings only."""
         return config_digest(self)

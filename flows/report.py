@@ -1,55 +1,147 @@
-"""The markdown summary a synth run leaves as a Prefect artifact (funnel, rejects, timings, card)."""
+"""What a finished synth run leaves in the Prefect UI: a markdown summary with readable tables
+(funnel, per-stage results and reject reasons, teacher usage and cost, the VAS criterion and
+its quantiles, links to the card and the dataset), and the same tables as table artifacts.
+
+Every cell is a number or a short string: no dict is ever printed into a table (a histogram in
+one cell once pushed the count column off screen).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pipeline.filtering.filter import STEPS
+from pipeline.filtering.funnel import QUANTILES
 from pipeline.plan import DEFAULT_PLAN, Plan
 from pipeline.store import WorkStore
 
+STEP_LABELS = {
+    "input": "Candidates (scored by VAS)",
+    "correct": "Answer verified against the gold answer",
+    "format": "Response format <think>/<answer>",
+    "anchors": "Enough visual anchors",
+    "length": "Within the length bounds",
+    "vas": "Passes the VAS criterion",
+    "unique": "Not a duplicate: kept",
+}
+assert set(STEP_LABELS) == set(STEPS), "a filter step without a label"
 
-def _stage_timing(reports: list[dict]) -> tuple[float, float, int, int]:
-    """(wall seconds, summed task seconds, results, rejects) over a stage's shard reports."""
+
+def _stage_timing(reports: list[dict]) -> tuple[float, float]:
+    """(wall seconds, summed task seconds) over a stage's shard reports."""
     if not reports:
-        return 0.0, 0.0, 0, 0
+        return 0.0, 0.0
     wall = max(r["finished"] for r in reports) - min(r["started"] for r in reports)
-    busy = sum(r["finished"] - r["started"] for r in reports)
-    return wall, busy, sum(r.get("results", 0) for r in reports), sum(r.get("rejects", 0) for r in reports)
+    return wall, sum(r["finished"] - r["started"] for r in reports)
 
 
-def _funnel_rows(funnel: dict) -> list[tuple[str, str]]:
+def _reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def funnel_rows(funnel: dict) -> list[dict]:
+    steps = funnel.get("steps") or {}
+    first = steps.get("input") or 0
+    return [{"Step": STEP_LABELS[step], "Samples": steps.get(step, 0),
+             "Share of candidates": f"{100 * steps.get(step, 0) / first:.1f}%" if first else "-"}
+            for step in STEPS if step in steps or not steps]
+
+
+def stage_rows(summary: dict, store: WorkStore, plan: Plan = DEFAULT_PLAN) -> list[dict]:
+    """Per stage: this run's work, the store's totals and its reject reasons."""
+    this_run = {"seeds": [summary["seeds"]], **summary.get("stages", {})}
     rows = []
-    for key, value in funnel.items():
-        if isinstance(value, dict):
-            rows += [(f"{key}.{k}", str(v)) for k, v in value.items()]
-        else:
-            rows.append((key, str(value)))
+    for stage in plan.names:
+        stage_store = store.stage(stage)
+        counts = stage_store.counts()
+        reports = this_run.get(stage, [])
+        wall, _ = _stage_timing(reports)
+        rows.append({"Stage": stage, "Results": counts["result"], "Rejects": counts["reject"],
+                     "Reject reasons": _reasons(stage_store.reject_reasons()),
+                     "New this run": sum(r.get("results", 0) + r.get("rejects", 0) for r in reports),
+                     "Wall s": round(wall, 1)})
     return rows
+
+
+def usage_rows(summary: dict) -> list[dict]:
+    """Teacher requests, tokens and the estimated cost of this run, per teacher stage."""
+    rows = []
+    for stage, reports in summary.get("stages", {}).items():
+        usages = [r["usage"] for r in reports if r.get("usage")]
+        if not usages:
+            continue
+        total = {k: sum(u.get(k, 0) for u in usages) for k in usages[0]}
+        rows.append({"Stage": stage, "Requests": total.get("requests", 0),
+                     "Failed requests": total.get("failures", 0), "Cache hits": total.get("cache_hits", 0),
+                     "Prompt tokens": total.get("prompt_tokens", 0),
+                     "Completion tokens": total.get("completion_tokens", 0),
+                     "Est. cost (USD)": f"{total.get('cost_usd', 0.0):.4f}"})
+    return rows
+
+
+def vas_lines(vas: dict) -> list[str]:
+    """The VAS criterion and the candidates' VAS quantiles, as a short table."""
+    if not vas:
+        return ["No VAS criterion information (no candidate reached the filter)."]
+    lines = [f"Criterion: {vas.get('criterion') or 'none'}; metric `{vas.get('metric')}`"
+             + (f"; resolved threshold {vas['resolved_threshold']:.4g}"
+                if vas.get("resolved_threshold") is not None else ""), ""]
+    quantiles = vas.get("quantiles") or {}
+    if quantiles:
+        names = [name for name, _ in QUANTILES]
+        lines += ["| VAS | n | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+        for metric, q in quantiles.items():
+            lines.append(f"| {metric} | {q['n']} | " + " | ".join(f"{q[n]:.4g}" for n in names) + " |")
+    return lines
+
+
+def _table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["(none)"]
+    keys = list(rows[0])
+    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+            *("| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows)]
+
+
+def _where(path: str | None) -> str:
+    if not path:
+        return "-"
+    return f"[`{path}`]({Path(path).resolve().as_uri()})"
 
 
 def run_summary_markdown(summary: dict, store: WorkStore, plan: Plan = DEFAULT_PLAN) -> str:
     published = summary.get("published", {})
-    lines = ["# AVAR synthesis run", "",
-             f"- config: `{summary['config_path']}` (digest `{summary['config_digest'][:16]}`)",
-             f"- work store: `{summary['store_dir']}`",
-             f"- published dataset: `{published.get('out_dir', '?')}`",
-             f"- data card: `{published.get('card_path', '?')}`",
-             f"- total time: {summary['seconds']:.1f} s", "",
-             "## Stages (this run)", "",
-             "| stage | new results | new rejects | skipped (done before) | wall s | task s |",
-             "|---|---:|---:|---:|---:|---:|"]
-    seeds = summary["seeds"]
-    lines.append(f"| seeds | {seeds['results']} | {seeds['rejects']} | {seeds['skipped']} | "
-                 f"{seeds['finished'] - seeds['started']:.1f} | {seeds['finished'] - seeds['started']:.1f} |")
-    for stage, reports in summary["stages"].items():
-        wall, busy, results, rejects = _stage_timing(reports)
-        skipped = sum(r.get("skipped", 0) for r in reports)
-        lines.append(f"| {stage} | {results} | {rejects} | {skipped} | {wall:.1f} | {busy:.1f} |")
-    lines += ["", "## Store totals and reject reasons", "",
-              "| stage | results | rejects | reasons |", "|---|---:|---:|---|"]
-    for stage in plan.names:
-        stage_store = store.stage(stage)
-        counts = stage_store.counts()
-        reasons = ", ".join(f"{k}: {v}" for k, v in stage_store.reject_reasons().items()) or "-"
-        lines.append(f"| {stage} | {counts['result']} | {counts['reject']} | {reasons} |")
-    lines += ["", "## Funnel", "", "| step | count |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in _funnel_rows(summary.get("funnel") or {})]
+    funnel = summary.get("funnel") or {}
+    kept = (funnel.get("steps") or {}).get("unique", 0)
+    lines = ["# AVAR synthesis run", ""]
+    if not published.get("splits"):
+        lines += [("> **No sample survived, nothing was published.** The tables below show where "
+                   "the samples were rejected and why."), ""]
+    lines += [f"- **Kept**: {kept} samples; splits: "
+              + (", ".join(f"{k} {v}" for k, v in (published.get("splits") or {}).items()) or "-"),
+              f"- **Data card**: {_where(published.get('card_path'))}",
+              f"- **Published dataset**: {_where(published.get('out_dir'))}"
+              + (f" (Hub: {published['pushed_url']})" if published.get("pushed_url") else ""),
+              (f"- config `{summary['config_path']}` (digest `{summary['config_digest'][:16]}`), work store "
+               f"`{summary['store_dir']}`, {summary['seconds']:.1f} s"), "",
+              "## Funnel", "", *_table(funnel_rows(funnel)), "",
+              "Filter rejects: " + _reasons(funnel.get("rejects") or {}), "",
+              "## Stages", "", *_table(stage_rows(summary, store, plan)), "",
+              "## Teacher usage and cost (this run)", "", *_table(usage_rows(summary)), "",
+              "## VAS", "", *vas_lines(funnel.get("vas") or {})]
     return "\n".join(lines) + "\n"
+
+
+def publish_run_artifacts(summary: dict, store: WorkStore, plan: Plan = DEFAULT_PLAN) -> None:
+    """The summary as a markdown artifact plus the funnel, stages and usage as table artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_markdown_artifact(key="avar-synth-run", markdown=run_summary_markdown(summary, store, plan),
+                             description=f"AVAR synthesis run on {summary['config_path']}")
+    create_table_artifact(funnel_rows(summary.get("funnel") or {}), key="avar-funnel",
+                          description="Filter funnel: samples left after each check")
+    create_table_artifact(stage_rows(summary, store, plan), key="avar-stages",
+                          description="Per stage: results, rejects and reject reasons in the store")
+    usage = usage_rows(summary)
+    if usage:
+        create_table_artifact(usage, key="avar-usage", description="Teacher requests, tokens and estimated cost")

@@ -6,6 +6,13 @@ Run locally (ephemeral Prefect, no server needed)::
 
 or as the deployment ``synth/avar`` (see flows/deploy.py and scripts/prefect_local.sh).
 
+Exit codes of ``python -m flows.synth``: 0 published; 2 a configuration or endpoint problem
+found before any work (the message names the key), or a managed vLLM server (``teacher.serve``)
+that did not start; 1 a stage stopped (e.g. the teacher's
+circuit breaker: the same refusal again and again, or a server that went away); 3 the run
+finished but no sample survived (nothing published; the card and ``run_summary.json`` show
+the funnel and the reject reasons).
+
 Orchestration only: each task calls one function of :mod:`flows.components`, which calls the
 pipeline. Seed ids are split into ``run.n_shards`` partitions; every per-shard stage is mapped
 over them, shard k of a stage waiting only for shard k of the stage before, so stages overlap.
@@ -32,28 +39,31 @@ import time
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from flows import components
 from flows.config import RunConfig, SynthConfig, load_synth_config
-from flows.report import run_summary_markdown
+from flows.progress import RunProgress
+from flows.report import publish_run_artifacts
 from pipeline.atomic import write_json_atomic
 from pipeline.configio import ConfigError, config_help
+from pipeline.errors import PermanentError, retryable
 from pipeline.plan import DEFAULT_PLAN
 from pipeline.store import WorkStore
+from pipeline.synthesis.vllm_server import ServerStartError
 
-# Configuration mistakes (bad key, wrong URL, unknown model) fail the same way every time.
-_NOT_RETRYABLE = ("ConfigError", "TeacherFatalError", "FileNotFoundError")
+EXIT_NOTHING_PUBLISHED = 3  # the run finished, but no sample survived (the card says why)
 
 
 def _retryable(task, task_run, state) -> bool:
+    """Prefect retries a task only when the same work may succeed the next time."""
     try:
         state.result()
     except Exception as err:  # noqa: BLE001 - classifying the task's own failure
-        return type(err).__name__ not in _NOT_RETRYABLE
+        return retryable(err)
     return True
 
 
@@ -64,6 +74,13 @@ _TASK_DEFAULTS = {"cache_policy": NO_CACHE, "persist_result": False, "log_prints
 def _bar(config: SynthConfig, total: int | None, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="rec", mininterval=1.0, leave=False,
                 disable=not config.run.progress, file=sys.stderr)
+
+
+@task(name="preflight", **_TASK_DEFAULTS)
+def preflight_task(config: SynthConfig) -> list[str]:
+    checked = components.preflight(config)
+    get_run_logger().info("preflight: %s ready", ", ".join(checked) or "nothing to check")
+    return checked
 
 
 @task(name="seeds", **_TASK_DEFAULTS)
@@ -77,9 +94,9 @@ def seeds_task(config: SynthConfig) -> dict:
 
 @task(name="stage", **_TASK_DEFAULTS)
 def shard_task(stage: str, shard: int, config: SynthConfig, upstream: dict | None = None) -> dict:
-    # ``upstream`` (shard k of the previous stage) only orders the tasks.
-    with _bar(config, None, f"{stage}[{shard}]") as bar:
-        report = components.run_shard(stage, shard, config, progress=bar.update)
+    # ``upstream`` (shard k of the previous stage) only orders the tasks. No progress bar here:
+    # parallel tasks' bars would overwrite each other; the flow prints one line per shard.
+    report = components.run_shard(stage, shard, config)
     get_run_logger().info("%s shard %d: %d results, %d rejects, %d skipped (done before) in %.1fs",
                           stage, shard, report["results"], report["rejects"], report["skipped"],
                           report["finished"] - report["started"])
@@ -98,6 +115,14 @@ def publish_task(config: SynthConfig, filtered: dict) -> dict:
     out = components.run_publish(config, filtered["funnel"])
     get_run_logger().info("published to %s", out.get("out_dir"))
     return out
+
+
+def _gather(per_stage: dict[str, list], progress: RunProgress) -> dict[str, list[dict]]:
+    """Every shard report, per stage in shard order; ``progress`` hears of each as it finishes."""
+    stage_of = {future.task_run_id: stage for stage, futures in per_stage.items() for future in futures}
+    for future in as_completed([f for futures in per_stage.values() for f in futures]):
+        progress.update(stage_of[future.task_run_id], future.result())
+    return {stage: [f.result() for f in futures] for stage, futures in per_stage.items()}
 
 
 def build_task_runner(run: RunConfig):
@@ -129,22 +154,31 @@ def _ray_options(run: RunConfig, stage: str):
 
 
 @flow(name="synth", log_prints=True)
-def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict:
-    """Synthesize, score, filter and publish a dataset as configured in ``config_path``."""
+def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
+          preflight: bool = True) -> dict:
+    """Synthesize, score, filter and publish a dataset as configured in ``config_path``.
+
+    ``preflight`` checks every teacher endpoint (and the VAS model) before any work.
+    """
     logger = get_run_logger()
     config = load_synth_config(config_path, overrides or [])  # validated before any work
     logger.info("config %s (digest %s), store %s, runner %s, %d shards", config_path,
                 config.digest()[:12], config.run.store_dir, config.run.runner, config.run.n_shards)
     started = time.time()
     store = WorkStore(config.run.store_dir)
-    with store.locked():
+    with store.locked(), components.managed_servers(config, store.root / "logs") as config:
         retry = {"retries": config.run.task_retries, "retry_delay_seconds": config.run.retry_delay_s}
         with build_task_runner(config.run) as runner, components.STAGE_POOL:
+            if preflight:  # in this process: endpoints unreachable from here fail here
+                preflight_task(config)
             seeds = runner.submit(seeds_task.with_options(**retry), {"config": config}).result()
             shards = list(range(config.run.n_shards))
             previous: list = [None] * len(shards)
             per_stage: dict[str, list] = {}
-            for stage in (s.name for s in DEFAULT_PLAN.of_scope("shard")):
+            stage_names = [s.name for s in DEFAULT_PLAN.of_scope("shard")]
+            progress = RunProgress(stage_names, config.run.n_shards, logger)
+            progress.start()
+            for stage in stage_names:
                 task_for_stage = shard_task.with_options(
                     name=stage, task_run_name=f"{stage}-shard{{shard}}", tags=[f"avar-{stage}"], **retry)
                 with _ray_options(config.run, stage):
@@ -152,7 +186,7 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
                         "stage": unmapped(stage), "shard": shards,
                         "config": unmapped(config), "upstream": previous})
                 per_stage[stage] = previous
-            reports = {stage: [f.result() for f in futures] for stage, futures in per_stage.items()}
+            reports = _gather(per_stage, progress)
             filtered = runner.submit(filter_task.with_options(**retry), {"config": config}).result()
             published = runner.submit(publish_task.with_options(**retry),
                                       {"config": config, "filtered": filtered}).result()
@@ -162,9 +196,13 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
                "seeds": seeds, "stages": reports,
                "funnel": filtered["funnel"], "published": published}
     write_json_atomic(store.root / "run_summary.json", summary)
-    create_markdown_artifact(key="avar-synth-run", markdown=run_summary_markdown(summary, store),
-                             description=f"AVAR synthesis run on {config_path}")
-    logger.info("done in %.1fs: %s", summary["seconds"], published.get("out_dir"))
+    publish_run_artifacts(summary, store)
+    if published.get("splits"):
+        logger.info("done in %.1fs: %s", summary["seconds"], published.get("out_dir"))
+    else:
+        logger.warning("done in %.1fs: no sample survived, nothing was published; the card %s and "
+                       "%s show the reject reasons", summary["seconds"], published.get("card_path"),
+                       store.root / "run_summary.json")
     return summary
 
 
@@ -192,8 +230,22 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         print(f"# digest {config.digest()}")
         return 0
-    summary = synth(config_path=args.config, overrides=args.overrides)
-    print(f"published: {summary['published'].get('out_dir')}  card: {summary['published'].get('card_path')}")
+    try:
+        managed = components.has_managed_servers(config)
+        if not managed:  # before Prefect starts: a wrong endpoint costs seconds
+            components.preflight(config)
+        summary = synth(config_path=args.config, overrides=args.overrides, preflight=managed)
+    except (PermanentError, ServerStartError) as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError | ServerStartError) else 1
+    finally:
+        components.STAGE_POOL.close()
+    published = summary["published"]
+    if not published.get("splits"):
+        print(f"nothing published: no sample survived (reject reasons in {published.get('card_path')} "
+              f"and {summary['store_dir']}/run_summary.json)")
+        return EXIT_NOTHING_PUBLISHED
+    print(f"published: {published.get('out_dir')}  card: {published.get('card_path')}")
     return 0
 
 

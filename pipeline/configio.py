@@ -30,13 +30,14 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import PermanentError
 from pipeline.ids import stable_hash
 
 SECRET_KEYS = frozenset({"api_key", "apikey", "token", "hf_token", "access_token", "secret",
                          "password", "openai_api_key", "auth_token", "bearer_token"})
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, PermanentError):
     """A configuration problem, always naming the offending key path."""
 
 

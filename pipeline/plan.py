@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pipeline.errors import PermanentError
 from pipeline.filtering.filter import FilterStage
 from pipeline.seeds.stage import SeedStage
 from pipeline.synthesis.stages import AnchorStage, DescribeStage, ReasonStage
@@ -29,7 +30,7 @@ SEED_FIELDS = ("id", "images", "question", "gold_answer", "answer_type", "choice
                "scene", "difficulty")
 
 
-class PlanError(ValueError):
+class PlanError(ValueError, PermanentError):
     """The declared stages do not form a pipeline (names, scopes, requirements)."""
 
 

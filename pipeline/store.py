@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_file
+from pipeline.errors import PermanentError
 from pipeline.ids import stable_hash
 from pipeline.records import Reject
 
@@ -243,7 +244,7 @@ class StageStore:
         return dict(sorted(out.items()))
 
 
-class StoreLocked(RuntimeError):
+class StoreLocked(RuntimeError, PermanentError):
     """Another live process is writing to this store."""
 
 

@@ -175,13 +175,29 @@ def test_every_bad_row_is_a_named_reject_and_the_good_rows_are_published(tmp_pat
         assert prompt.index(f"## Task: {stage}") < prompt.index(INJECTION), stage
 
 
+def test_undecodable_lines_of_a_json_lines_file_are_named_rejects_and_the_rest_goes_on(tmp_path):
+    """One line that is not UTF-8 (the reported 13-line file), not JSON, not an object, or a lone
+    surrogate: each is a reject with its line number; every other row is read."""
+    (tmp_path / "a.png").write_bytes(png("red"))
+    good = [json.dumps({"images": ["a.png"], "problem": f"Question {i}?", "answer": str(i)}).encode()
+            for i in range(9)]
+    bad = {3: b'{"images": ["a.png"], "problem": "caf\xe9?", "answer": "1"}',
+           6: b"{this is not json", 8: b"[1, 2, 3]",
+           11: b'{"images": ["a.png"], "problem": "x \\ud800 y", "answer": "1"}'}
+    lines, good_iter = [], iter(good)
+    for number in range(1, 14):
+        lines.append(bad.get(number) or next(good_iter))
+    (tmp_path / "seeds.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = list(iter_seeds(SeedsConfig(kind="local", path=str(tmp_path / "seeds.jsonl"), n=None)))
+    assert len(out) == 13
+    rejects = [r for r in out if isinstance(r, Reject)]
+    assert [(r.reason, r.message.split(": ")[1].split(" line ")[1]) for r in rejects] == [
+        ("row_not_utf8", "3"), ("row_not_json", "6"), ("row_not_object", "8"), ("row_not_utf8", "11")]
+    assert all(r.id.startswith("seeds:row") and "seeds.jsonl line" in r.message for r in rejects)
+    assert [s["question"] for s in out if not isinstance(s, Reject)] == [f"Question {i}?" for i in range(9)]
+
+
 @pytest.mark.parametrize("name, content, expected", [
-    pytest.param("latin1.jsonl", b'{"images": ["a.png"], "problem": "caf\xe9?", "answer": "1"}\n',
-                 "latin1.jsonl", id="not_utf8"),
-    pytest.param("not_json.jsonl", b'{"images": ["a.png"], "problem": "q?", "answer": "1"}\n{this is not json\n',
-                 "not_json.jsonl", id="not_json"),
-    pytest.param("lone_surrogate.jsonl", b'{"images": ["a.png"], "problem": "x \\ud800 y", "answer": "1"}\n',
-                 "lone_surrogate.jsonl", id="lone_surrogate"),
     pytest.param("truncated.parquet", None, "truncated.parquet", id="truncated_parquet"),
     pytest.param("empty.parquet", b"", "empty.parquet", id="zero_byte_parquet"),
     pytest.param("does_not_exist.jsonl", None, "does not exist", id="no_such_file"),

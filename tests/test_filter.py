@@ -158,9 +158,14 @@ def test_run_filter_writes_stage_and_funnel_and_is_rerunnable(tmp_path):
     assert not [p for p in store.root.iterdir() if p.name.startswith(".filter")]
 
 
-def test_run_filter_refuses_missing_input(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vas"):
-        run_filter(FilterConfig(), WorkStore(tmp_path), progress=False)
+def test_an_input_stage_without_results_gives_an_empty_funnel(tmp_path):
+    store = WorkStore(tmp_path)
+    store.stage("vas").write([], [Reject(id="a" * 32, stage="vas", reason="vas_no_image_tokens", message="m")])
+    funnel = run_filter(FilterConfig(vas_quantile=0.5), store, progress=False)
+    assert funnel.kept == 0 and funnel.steps["input"] == 0
+    assert funnel.upstream["vas"] == {"result": 0, "reject": 1, "reasons": {"vas_no_image_tokens": 1}}
+    assert store.stage("filter").counts() == {"result": 0, "reject": 0}
+    assert load_funnel(tmp_path).kept == 0
 
 
 def test_near_duplicates_need_the_same_images_by_default():

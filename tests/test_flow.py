@@ -143,3 +143,23 @@ def test_kill_9_mid_run_then_resume_gives_the_same_dataset(reference_run, tmp_pa
         rows = stage_row_ids(tmp_path / "store", stage)
         dupes = [i for i, n in Counter(rows).items() if n > 1]
         assert not dupes, f"{stage}: ids written twice after resume: {dupes[:3]}"
+
+
+def test_a_run_where_nothing_survives_exits_3_and_shows_why(tmp_path):
+    """Everything rejected (here: a length bound no response meets): the run finishes, exits 3
+    (documented in flows/synth.py), publishes no dataset, and the card and run_summary.json
+    carry the funnel with the reject reasons."""
+    root = tmp_path / "run"
+    proc = subprocess.run(cli_args(run_overrides(root) + ["seeds.n=6", "run.n_shards=2",
+                                                          "filter.min_response_length=100000"]),
+                          cwd=REPO, env=flow_env(tmp_path / "prefect"), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "nothing published: no sample survived" in proc.stdout
+    summary = last_summary(root / "store")
+    assert summary["funnel"]["steps"].get("unique", 0) == 0 and summary["funnel"]["rejects"]["too_short"] == 6
+    assert summary["published"]["splits"] in ({}, None, [])
+    assert not list((root / "published").glob("data/*.parquet"))
+    card = (root / "cards").rglob("README.md")
+    text = "\n".join(p.read_text() for p in card)
+    assert "No sample survived this run" in text and "too_short" in text

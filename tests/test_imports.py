@@ -107,7 +107,8 @@ def test_layers_point_one_way():
     # the library never reaches up into orchestration or training
     assert not [m for m in pipeline if any(d.split(".")[0] in ("flows", "trainer") for d in graph[m])]
     # the generic config loader sits at the bottom
-    assert graph["pipeline.configio"] <= {"pipeline.ids"}
+    assert graph["pipeline.configio"] <= {"pipeline.ids", "pipeline.errors"}
+    assert graph["pipeline.errors"] == set()
     # the teacher interface does not know its backends (the registry does)
     assert not {d for d in graph["pipeline.synthesis.teachers.base"] if d.startswith("pipeline.synthesis.teachers.")}
 

@@ -71,3 +71,29 @@ def test_a_fresh_environment_renders_a_prompt_and_validates_a_record(wheel, tmp_
     where, heading = out.stdout.split("\n")[:2]
     assert where.startswith(str(venv)), where  # the installed copy, not the checkout
     assert heading == "## Task: describe"
+
+
+def _requirements() -> tuple[list[str], dict[str, list[str]]]:
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return project["dependencies"], project["optional-dependencies"]
+
+
+def _name(requirement: str) -> str:
+    return requirement.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip().lower()
+
+
+def test_the_base_install_is_a_training_environment_without_prefect():
+    base, extras = _requirements()
+    names = {_name(r) for r in base}
+    assert not names & {"prefect", "prefect-ray", "ray", "vllm"}, names  # vLLM's fastapi pin
+    assert "prefect" in {_name(r) for r in extras["synth"]}
+    # no requirement pins torch to one version: installing never swaps an installed torch
+    every = base + [r for group in extras.values() for r in group]
+    assert not [r for r in every if _name(r) == "torch" and "==" in r]
+    # and the training side imports with Prefect unimportable
+    code = ("import sys; sys.modules['prefect'] = None\n"
+            "import trainer.sft, trainer.rl, trainer.eval, pipeline.vas.stage, pipeline.lens\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

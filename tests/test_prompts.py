@@ -7,6 +7,7 @@ from pipeline.resources import prompts_dir
 from pipeline.synthesis.prompts import PromptError, fence, load_template
 
 STAGES = ("describe", "reason", "anchor")
+VERSIONS = {"describe": "1.1.0", "reason": "2.0.0", "anchor": "2.0.0"}
 CTX = {"question": "In the figure, find angle C.", "choices": None, "n_images": 1, "answer_type": "number",
            "description": "A triangle ABC with angle A = 50 degrees.",
            "chain": "Angles sum to 180, so C = 70.", "answer": "70"}
@@ -15,9 +16,9 @@ CTX = {"question": "In the figure, find angle C.", "choices": None, "n_images": 
 @pytest.mark.parametrize("name", STAGES)
 def test_shipped_templates_render_system_and_user_with_heading(name):
     tpl = load_template(name)
-    assert tpl.version == "1.0.0"
+    assert tpl.version == VERSIONS[name]
     assert tpl.sha256 == hashlib.sha256((prompts_dir() / f"{name}.j2").read_bytes()).hexdigest()
-    assert tpl.provenance() == {"name": name, "version": "1.0.0", "sha256": tpl.sha256}
+    assert tpl.provenance() == {"name": name, "version": VERSIONS[name], "sha256": tpl.sha256}
     system, user = tpl.render(**CTX)
     assert system["role"] == "system" and isinstance(system["content"], str) and system["content"]
     assert user["role"] == "user"
@@ -30,6 +31,23 @@ def test_shipped_templates_render_system_and_user_with_heading(name):
         assert "<think>" in text and "<answer>" in text
     if name == "anchor":
         assert "```text\nAngles sum to 180, so C = 70.\n```" in text
+
+
+@pytest.mark.parametrize("name", ["reason", "anchor"])
+def test_a_text_only_teacher_gets_no_image_parts_and_reads_the_description(name):
+    parts = load_template(name).render(**dict(CTX, n_images=2, with_images=False))[1]["content"]
+    assert [p["type"] for p in parts] == ["text"]
+    text = parts[0]["text"]
+    assert "2 images that you cannot see" in text and "Image 1:" not in text
+    assert "```text\nA triangle ABC with angle A = 50 degrees.\n```" in text
+
+
+def test_a_template_placing_an_image_for_a_text_only_teacher_is_refused(tmp_path):
+    (tmp_path / "leaky.j2").write_text("{#- version: 1.0.0 -#}{% block system %}s{% endblock %}"
+                                       "{% block user %}{{ image(0) }} q{% endblock %}")
+    with pytest.raises(PromptError, match="with_images is false"):
+        load_template("leaky", tmp_path).render(n_images=1, with_images=False)
+    assert load_template("leaky", tmp_path).render(n_images=1)[1]["content"][0] == {"type": "image", "index": 0}
 
 
 def test_images_are_placed_in_order_and_all_required():

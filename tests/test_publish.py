@@ -121,8 +121,9 @@ def test_bad_records_are_named(tmp_path):
     dup = make_record(1)
     with pytest.raises(PublishError, match="appears twice"):
         publish(_config(tmp_path), [dup, dup], progress=False)
-    with pytest.raises(PublishError, match="no records"):
-        publish(_config(tmp_path), [], progress=False)
+    nothing = publish(_config(tmp_path / "empty"), [], progress=False)  # a run where nothing survived
+    assert nothing.empty and not list((tmp_path / "empty").rglob("*.parquet"))
+    assert "No sample survived this run" in nothing.card_path.read_text()
     rec = make_record(2)
     rec["images"][0]["bytes"] = b""
     with pytest.raises(PublishError, match=r"\$\.images\[0\]\.bytes"):

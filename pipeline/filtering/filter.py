@@ -32,7 +32,14 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from pipeline.filtering.dedup import DedupConfig, Deduplicator
-from pipeline.filtering.funnel import FUNNEL_FILE, Funnel, histogram, store_summary, tally_usage
+from pipeline.filtering.funnel import (
+    FUNNEL_FILE,
+    Funnel,
+    histogram,
+    quantile_summary,
+    store_summary,
+    tally_usage,
+)
 from pipeline.records import Reject
 from pipeline.response_format import format_ok
 from pipeline.store import StageStore, WorkStore
@@ -244,7 +251,8 @@ class FilterStage:
         return [self.check(rec) or rec for rec in batch]
 
     def funnel(self) -> Funnel:
-        vas = dict(self.vas_info, histograms={m: histogram(v) for m, v in self.candidate_vas.items() if v})
+        vas = dict(self.vas_info, histograms={m: histogram(v) for m, v in self.candidate_vas.items() if v},
+                   quantiles={m: quantile_summary(v) for m, v in self.candidate_vas.items() if v})
         return Funnel(steps=dict(self.steps), rejects=dict(sorted(self.rejects.items())), vas=vas,
                       usage={k: dict(v) for k, v in self.usage.items()})
 
@@ -298,13 +306,13 @@ def run_filter(config: FilterConfig, store: WorkStore, inputs_stage: str = "vas"
                upstream_stages: Iterable[str] | None = None) -> Funnel:
     """Filter all results of ``inputs_stage`` into stage ``output_stage``; write ``funnel.json``.
 
-    The filter is global (quantile, dedup), so the output stage is rebuilt from scratch each run
+    An input stage without results (every sample rejected upstream) gives an empty output and a
+    funnel of zeros, not an error: the funnel is what says why. The filter is global (quantile,
+    dedup), so the output stage is rebuilt from scratch each run
     in a sibling folder and swapped in; a run killed midway leaves the previous output intact.
     ``upstream_stages`` orders the per-stage summary of the funnel (the pipeline's order).
     """
-    source = StageStore(store.root, inputs_stage)
-    if not source.shards():
-        raise FileNotFoundError(f"filter input stage {inputs_stage!r} has no shards under {source.dir}")
+    source = StageStore(store.root, inputs_stage)  # no results at all is a run with an empty funnel
     building = store.root / f".{output_stage}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     out = StageStore(building.parent, building.name)

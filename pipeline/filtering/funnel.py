@@ -69,6 +69,16 @@ def histogram(values: list[float], max_bins: int = 30) -> dict:
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
+QUANTILES = (("min", 0.0), ("p10", 0.1), ("p25", 0.25), ("median", 0.5), ("p75", 0.75),
+             ("p90", 0.9), ("max", 1.0))
+
+
+def quantile_summary(values: list[float]) -> dict:
+    """n and the exact quantiles of ``values`` (linear interpolation), for cards and reports."""
+    data = np.asarray(values, dtype=float)
+    return {"n": int(data.size), **{name: float(np.quantile(data, q)) for name, q in QUANTILES}}
+
+
 def store_summary(store: WorkStore, stages: Iterable[str] | None = None,
                   exclude: Iterable[str] = ("filter",)) -> dict[str, dict]:
     """Results, rejects and reject reasons of each stage in the store (for the funnel), in the

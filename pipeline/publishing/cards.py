@@ -29,8 +29,10 @@ import jinja2
 from PIL import Image
 
 from pipeline.atomic import write_if_changed
+from pipeline.errors import PermanentError
 from pipeline.filtering.funnel import tally_usage
 from pipeline.images import open_image
+from pipeline.publishing.profile import ColumnProfile
 from pipeline.response_format import extract_answer, think_text
 from pipeline.synthesis.usage import token_cost_usd
 from pipeline.templating import environment
@@ -38,13 +40,14 @@ from pipeline.templating import environment
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "data_card.md.j2"
 HISTOGRAM_FILE = "vas_histogram.png"
+CONFIG_FILE = "synth_config.yaml"  # the synthesis config that made the dataset, beside the card
 GALLERY_DIR = "gallery"
 PAPER = "https://arxiv.org/abs/2603.03825"
 _SECRET_NAME_RE = re.compile(r"(TOKEN|API_KEY|APIKEY|SECRET|PASSWORD)", re.IGNORECASE)
 _MD_SPECIAL_RE = re.compile(r"([\\`*_\[\]|#])")
 
 
-class SecretLeak(RuntimeError):
+class SecretLeak(RuntimeError, PermanentError):
     """Text about to be written contains the value of a secret environment variable."""
 
 
@@ -141,6 +144,7 @@ class CardStats:
         self.anchor_counts: list[int] = []
         self.response_chars: list[int] = []
         self.usage: dict[str, dict] = {}
+        self.profile = ColumnProfile()
         self._gallery: dict[str, list] = {}  # source -> max-heap (negated rank) of gallery entries
 
     def add(self, record: dict, split: str) -> None:
@@ -165,6 +169,7 @@ class CardStats:
                                "all" if not layers else ",".join(map(str, layers)))] += 1
         self.anchor_counts.append(int(record.get("n_anchors") or 0))
         self.response_chars.append(len(record.get("response") or ""))
+        self.profile.add(record, split)
         self._offer_gallery(record)
 
     def _offer_gallery(self, record: dict) -> None:
@@ -276,6 +281,8 @@ def card_front_matter(*, dataset_name: str, license: str, language: list[str], t
     size = sum(int(s["num_bytes"]) for s in splits.values())
     DatasetInfosDict({"default": DatasetInfo(features=features, splits=split_dict, dataset_size=size,
                                              download_size=size)}).to_dataset_card_data(card_data)
+    if not data_files:  # nothing published: no data files to point the viewer at
+        card_data.configs = None
     return card_data.to_yaml()
 
 
@@ -320,6 +327,21 @@ def _stage_rows(stats: CardStats) -> list[dict]:
             for s in stats.teachers]
 
 
+def _write_config(card_dir: Path, provenance: dict | None) -> dict | None:
+    """Write the synthesis config beside the card; the command that runs it again."""
+    import yaml
+
+    config = (provenance or {}).get("config")
+    if not config:
+        return None
+    text = ("# The synthesis config that made this dataset (run settings left at their defaults: "
+            "they never change the data).\n" + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    assert_no_secrets(text, str(card_dir / CONFIG_FILE))
+    write_if_changed(card_dir / CONFIG_FILE, text.encode())
+    return {"config_file": CONFIG_FILE, "config_yaml": text,
+            "command": f"python -m flows.synth --config {card_dir / CONFIG_FILE}"}
+
+
 def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardStats, features,
                splits: dict[str, dict], data_files: dict[str, str], license: str, language: list[str],
                task_categories: list[str], tags: list[str] | None = None, funnel: dict | None = None,
@@ -343,6 +365,7 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
     for stale in (card_dir / GALLERY_DIR).glob("*.png") if (card_dir / GALLERY_DIR).exists() else ():
         if stale not in wanted:
             stale.unlink()
+    reproduce = _write_config(card_dir, provenance)
     yaml_text = card_front_matter(dataset_name=dataset_name, license=license, language=language,
                                   task_categories=task_categories, tags=tags or [], features=features,
                                   splits=splits, data_files=data_files, pretty_name=pretty_name)
@@ -356,7 +379,9 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
         funnel=_funnel_view(funnel), usage_published=_usage_rows(stats.usage, provenance),
         usage_run=_usage_rows((funnel or {}).get("usage") or {}, provenance),
         gallery=gallery, histogram=HISTOGRAM_FILE, exports=exports or {}, paper=PAPER,
-        config_digest=(provenance or {}).get("config_digest"), dataset_digest=dataset_digest)
+        config_digest=(provenance or {}).get("config_digest"), dataset_digest=dataset_digest,
+        reproduce=reproduce, column_rows=stats.profile.rows(), answer_types=stats.profile.answer_types.most_common(),
+        with_choices=stats.profile.with_choices, split_samples=stats.profile.samples())
     assert_no_secrets(text, str(card_dir / "README.md"))
     path = card_dir / "README.md"
     write_if_changed(path, text)

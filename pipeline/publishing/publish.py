@@ -32,6 +32,7 @@ import datasets
 from tqdm.auto import tqdm
 
 from pipeline.atomic import write_if_changed
+from pipeline.errors import PermanentError
 from pipeline.ids import stable_hash
 from pipeline.publishing.cards import CardStats, assert_no_secrets, write_card
 from pipeline.publishing.exports import export_easyr1, export_llamafactory
@@ -62,7 +63,7 @@ FEATURES = datasets.Features({
 })
 
 
-class PublishError(RuntimeError):
+class PublishError(RuntimeError, PermanentError):
     """Publishing cannot proceed; the message says which record, file or setting is to blame."""
 
 
@@ -114,6 +115,11 @@ class PublishResult:
     changed: bool
     exports: dict[str, str] = field(default_factory=dict)
     pushed_url: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Nothing survived: no dataset was written (the card still shows the funnel)."""
+        return not self.splits
 
 
 def split_of(sample_id: str, test_fraction: float, seed: int) -> str:
@@ -259,7 +265,7 @@ def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None 
             stats.add(record, split)
             spill.add(row)
         if not seen:
-            raise PublishError("no records to publish (did the filter keep anything?)")
+            return _publish_nothing(config, out_dir, stats, funnel, provenance)
         splits = [s for s in ("train", "test") if sizes[s]]
         plans = {s: plan_shards(sizes[s], config.max_shard_bytes) for s in splits}
         digest = stable_hash([FORMAT_VERSION, FEATURES.to_dict(), config.test_fraction, config.seed,
@@ -292,6 +298,20 @@ def publish(config: PublishConfig, records: Iterable[dict], funnel: dict | None 
     if config.push:
         result.pushed_url = push_to_hub(config, out_dir)
     return result
+
+
+def _publish_nothing(config: PublishConfig, out_dir: Path, stats: CardStats, funnel: dict | None,
+                     provenance: dict | None) -> PublishResult:
+    """No sample survived: write no dataset (a folder from an earlier publish is left as it
+    was, and not pushed), only the card, which shows the funnel and every reject reason."""
+    card_dir = Path(config.cards_dir) / config.dataset_name
+    card_path = write_card(card_dir, dataset_name=config.dataset_name, stats=stats, features=FEATURES,
+                           splits={}, data_files={}, license=config.license, language=config.language,
+                           task_categories=config.task_categories, tags=config.tags, funnel=funnel,
+                           provenance=provenance, repo_id=config.repo_id or str(out_dir),
+                           pretty_name=config.pretty_name, dataset_digest=None)
+    return PublishResult(out_dir=out_dir, card_path=card_path, splits={}, files=[], digest="",
+                         changed=False)
 
 
 def _copy_card(card_dir: Path, out_dir: Path) -> None:

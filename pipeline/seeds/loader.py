@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import PermanentError
 from pipeline.ids import sample_id
 from pipeline.images import ImageError, image_cell, image_record
 from pipeline.records import RecordError, Reject, validate
@@ -78,7 +79,51 @@ def _pick_split(dataset_dict, split: str, where: str):
     return dataset_dict[split]
 
 
-def open_rows(config: SeedsConfig) -> tuple[Iterator[dict], Path | None]:
+def _only_json_lines(folder: Path) -> bool:
+    """A folder whose data files are all JSON Lines (an image folder's metadata.jsonl is not)."""
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(p.suffix.lower() == ".jsonl" and p.parent == folder for p in files)
+
+
+class BadLine:
+    """A line of a JSON Lines file that is not a row: it becomes a reject, the file goes on."""
+
+    def __init__(self, line: int, reason: str, message: str):
+        self.line, self.reason, self.message = line, reason, message
+
+
+def _json_lines(files: list[Path]) -> Iterator[dict | BadLine]:
+    """Rows of JSON Lines files, read line by line (not through ``datasets``, which fails the
+    whole file on one undecodable line and cannot say which): blank lines skipped; a line that
+    is not UTF-8, not JSON or not an object is a :class:`BadLine` with its 1-based number."""
+    for path in files:
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                where = f"{path.name} line {number}"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield BadLine(number, "row_not_utf8", f"{where}: invalid UTF-8 at byte {err.start} of the line")
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as err:
+                    yield BadLine(number, "row_not_json", f"{where}: not JSON ({err.msg} at column {err.colno})")
+                    continue
+                if not isinstance(row, dict):
+                    yield BadLine(number, "row_not_object", f"{where}: a JSON {type(row).__name__}, not an object")
+                    continue
+                try:  # "\ud800" is valid JSON but no text: it could never be written out
+                    json.dumps(row, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as err:
+                    yield BadLine(number, "row_not_utf8", f"{where}: a lone surrogate escape ({err.reason})")
+                    continue
+                yield row
+
+
+def open_rows(config: SeedsConfig) -> tuple[Iterator[dict | BadLine], Path | None]:
     """(row iterator, folder that relative image paths resolve against)."""
     import datasets  # heavy import, only when a dataset is read
 
@@ -94,6 +139,8 @@ def open_rows(config: SeedsConfig) -> tuple[Iterator[dict], Path | None]:
     base = (
         Path(config.image_root) if config.image_root else (path if path.is_dir() else path.parent)
     )
+    if path.is_file() and path.suffix.lower() == ".jsonl" or path.is_dir() and _only_json_lines(path):
+        return _json_lines(sorted(path.glob("*.jsonl")) if path.is_dir() else [path]), base
     if path.is_dir() and _is_saved_dataset(path):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -127,7 +174,7 @@ def _decode_json_columns(ds, rows: Iterator[dict]) -> Iterator[dict]:
             for row in rows)
 
 
-class DatasetReadError(ValueError):
+class DatasetReadError(ValueError, PermanentError):
     """The dataset itself cannot be read (not one bad row): inconsistent column types across
     rows, an unreadable file, a missing split. Names the source and where reading stopped."""
 
@@ -157,7 +204,11 @@ def iter_dataset(config: SeedsConfig) -> Iterator[dict | Reject]:
                 f"seeds: datasets could not read {where} at row {index}: "
                 f"{type(err).__name__}: {err}"
             ) from err
-        yield row_to_seed(row, index, config, source, base)
+        if isinstance(row, BadLine):
+            yield Reject(id=f"{source}:row{index}", stage=STAGE, reason=row.reason,
+                         message=f"{source} row {index}: {row.message}", field="$", source=source)
+        else:
+            yield row_to_seed(row, index, config, source, base)
         index += 1
 
 

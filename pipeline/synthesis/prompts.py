@@ -12,6 +12,11 @@ nonce, so text that imitates a marker stays text.
 
 The version and the sha256 of the file text go into every sample's provenance and into the
 request-cache key: editing a prompt invalidates exactly the requests it shaped.
+
+``with_images`` (default true) says whether the teacher reads images: for a text-only teacher
+(``teacher.modality: text``) it is false, the template leaves the image parts out, and a
+template that still places an image is an error. Only when images are sent must every image
+appear exactly once.
 """
 
 from __future__ import annotations
@@ -87,11 +92,17 @@ class PromptTemplate:
             used.append(index)
             return f"\x00img-{nonce}-{index}\x00"
 
+        ctx.setdefault("with_images", True)
         full = dict(ctx, image=image)
         system = self._block("system", full)
         user = self._block("user", full)
         n_images = ctx.get("n_images")
-        if n_images is not None and sorted(used) != list(range(n_images)):
+        if not ctx["with_images"]:
+            if used:  # a text-only teacher would be sent images it cannot read
+                raise PromptError(f"template {self.name!r}: images referenced {sorted(used)} although "
+                                  "with_images is false (a text-only teacher); guard them with "
+                                  "{% if with_images %}")
+        elif n_images is not None and sorted(used) != list(range(n_images)):
             raise PromptError(f"template {self.name!r}: images referenced {sorted(used)} but the "
                               f"record has {n_images} image(s); each must appear exactly once")
         return [{"role": "system", "content": system},

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from pipeline.configio import ConfigError
 from pipeline.records import Reject
 from pipeline.vas import ScoreError, VASConfig, item_from_record
 
@@ -26,6 +30,21 @@ class VASStage:
     def __init__(self, config: VASConfig | None = None, model=None, processor=None):
         self.config = config or VASConfig()
         self.model, self.processor = model, processor
+
+    def preflight(self) -> None:
+        """The reference model can be found before any teacher is paid: ``tiny``, a local
+        folder, or a Hub id (in the local cache when ``HF_HUB_OFFLINE`` is set)."""
+        model = self.config.model
+        if self.model is not None or model == "tiny" or Path(model).is_dir():
+            return
+        if Path(model).expanduser().is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
+            raise ConfigError(f"vas.model: {model!r} is neither a folder nor a Hub id (org/name)")
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+                raise ConfigError(f"vas.model: {model!r} is not in the local Hugging Face cache and "
+                                 "HF_HUB_OFFLINE is set; download it first or point vas.model at a folder")
 
     def run(self, batch: list[dict]) -> list[dict | Reject]:
         from pipeline.vas.scoring import (  # torch: loaded on first use

@@ -30,6 +30,7 @@ from typing import Self
 import pyarrow.parquet as pq
 
 from tests.support.teacher_server import (
+    TEST_MODELS,
     ChatCall,
     ProgrammaticResponder,
     ResponderError,
@@ -42,7 +43,7 @@ PREFECT = str(Path(PYTHON).parent / "prefect")
 CI_CONFIG = REPO / "configs" / "ci_small.yaml"
 TEACHER_STAGES = ("describe", "reason", "anchor")
 STORE_STAGES = ("seeds", "describe", "reason", "anchor", "verify", "vas", "filter")
-MODELS = {"describe": "describer-test", "reason": "reasoner-test", "anchor": "anchorer-test"}
+MODELS = TEST_MODELS
 # Faults that the OpenAI teacher retries; with enough retries none of them ends as a reject, so
 # an interrupted run and an uninterrupted run keep exactly the same samples.
 RETRYABLE_FAULTS = {"500": 0.06, "502": 0.04, "503": 0.04, "429": 0.06, "malformed": 0.04}

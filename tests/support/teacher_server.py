@@ -54,6 +54,8 @@ from PIL import Image
 from pipeline.images import to_data_url
 from pipeline.synthesis.teachers.base import TeacherConfig, TeacherError, TeacherRequest
 
+# Model ids GET /v1/models lists by default (the ones the reliability helpers configure).
+TEST_MODELS = {"describe": "describer-test", "reason": "reasoner-test", "anchor": "anchorer-test"}
 FAULTS = ("500", "502", "503", "429", "slow", "malformed", "truncated", "empty", "refused")
 STAGE_HEADING = re.compile(r"^## Task: (\w+)[ \t]*$", re.MULTILINE)
 DATA_URL = re.compile(r"^data:(image/[\w.+-]+);base64,(.*)$", re.DOTALL)
@@ -89,7 +91,18 @@ class CallLog:
     images: list[ImageSeen] = field(default_factory=list)
 
 
-Responder = Callable[[ChatCall], "str | Awaitable[str]"]
+@dataclass
+class ChatReply:
+    """A reply with a separate reasoning chain, as reasoning models' servers send it: the chain
+    in ``message.<reasoning_field>`` (``reasoning_content``: DeepSeek's API; ``reasoning``: vLLM's
+    reasoning parsers), the rest in ``message.content``."""
+
+    content: str
+    reasoning: str | None = None
+    reasoning_field: str = "reasoning_content"
+
+
+Responder = Callable[[ChatCall], "str | ChatReply | Awaitable[str | ChatReply]"]
 
 
 class ResponderError(Exception):
@@ -125,7 +138,8 @@ class ProgrammaticResponder:
 
     async def __call__(self, call: ChatCall) -> str:
         if call.record is None:
-            raise ResponderError(400, "no registered image in the request")
+            raise ResponderError(400, "no registered record in the request (by image, or by question "
+                                      "and description for a text-only prompt)")
         if call.stage is None:
             raise ResponderError(400, "no '## Task: <stage>' heading line in the prompt")
         request = TeacherRequest(key=call.key, stage=call.stage, messages=call.messages,
@@ -151,15 +165,20 @@ class TeacherServer:
     def __init__(self, responder: Responder | None = None, *, latency_s: float = 0.0,
                  fault_rates: dict[str, float] | None = None, seed: int = 0,
                  retry_after: str = "0", slow_s: float = 30.0, host: str = "127.0.0.1",
-                 port: int = 0, register_max_pixels: Iterable[int | None] = (1_003_520,)):
+                 port: int = 0, register_max_pixels: Iterable[int | None] = (1_003_520,),
+                 models: dict[str, int | None] | None = None):
         self._responder = responder
         self.latency_s, self.seed, self.retry_after, self.slow_s = latency_s, seed, retry_after, slow_s
         self.host, self.port = host, port
+        # served model id -> max_model_len (None: not reported), as GET /v1/models lists them
+        self.models = dict(models) if models is not None else {
+            name: None for name in ("avar-test-teacher", *TEST_MODELS.values())}
         self.register_max_pixels = tuple(register_max_pixels)
         self._fault_rates: dict[str, float] = {}
         self.faults(fault_rates or {})
         self._script: deque[str] = deque()
         self._records: dict[str, dict] = {}  # image sha256 -> seed record
+        self._by_question: dict[str, list[dict]] = {}  # question -> seed records (text-only prompts)
         self._history: dict[str, dict[str, str]] = {}  # record id -> stage -> text served
         self._lock = threading.Lock()
         self.total_requests = 0
@@ -199,6 +218,8 @@ class TeacherServer:
         """Recognise these seed records by the sha256 of each image as sent (also resized)."""
         with self._lock:
             for record in records:
+                if record.get("question"):
+                    self._by_question.setdefault(record["question"], []).append(record)
                 for image in record["images"]:
                     data = image["bytes"]
                     self._records[hashlib.sha256(data).hexdigest()] = record
@@ -290,8 +311,10 @@ class TeacherServer:
     # -- handlers ----------------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": "avar-test-teacher", "object": "model", "owned_by": "tests"}]})
+        data = [{"id": name, "object": "model", "owned_by": "tests",
+                 **({"max_model_len": limit} if limit is not None else {})}
+                for name, limit in self.models.items()]
+        return web.json_response({"object": "list", "data": data})
 
     async def _admin_register(self, request: web.Request) -> web.Response:
         records = (await request.json())["records"]
@@ -348,7 +371,7 @@ class TeacherServer:
         if outcome == "malformed":
             return web.Response(status=200, content_type="application/json",
                                 text='{"id": "chatcmpl-broken", "object": "chat.comp')
-        record = self._record_for(images)
+        record = self._record_for(images) if images else self._record_for_text(messages)
         sampling = {k: v for k, v in body.items() if k not in ("model", "messages")}
         call = ChatCall(key=key, model=model, stage=stage, messages=messages, images=images,
                         record=record, sampling=sampling)
@@ -362,6 +385,8 @@ class TeacherServer:
         except Exception as e:  # noqa: BLE001 - a broken responder must show in the client's error
             entry.outcome = "error:500"
             return _error(500, f"responder failed: {type(e).__name__}: {e}")
+        reply = text if isinstance(text, ChatReply) else ChatReply(text)
+        text = reply.content
         finish = "stop"
         if outcome == "truncated":
             text, finish = text[: max(1, len(text) // 2)], "length"
@@ -375,13 +400,16 @@ class TeacherServer:
                 if record is not None and stage is not None:
                     self._history.setdefault(_record_id(record), {})[stage] = text
         prompt_tokens = sum(len(_text_of(m).split()) for m in messages) + 256 * len(images)
+        message = {"role": "assistant", "content": text}
+        completion_tokens = len(text.split())
+        if reply.reasoning is not None:
+            message[reply.reasoning_field] = reply.reasoning
+            completion_tokens += len(reply.reasoning.split())
         return web.json_response({
             "id": f"chatcmpl-{key[:12]}", "object": "chat.completion", "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "finish_reason": finish,
-                         "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
-                      "total_tokens": prompt_tokens + len(text.split())}})
+            "model": model, "choices": [{"index": 0, "finish_reason": finish, "message": message}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}})
 
     def _draw_outcome(self, key: str) -> str:
         with self._lock:
@@ -409,6 +437,23 @@ class TeacherServer:
                               **{s: {"text": t} for s, t in earlier.items()}}
                     return {**record, "stages": stages}
         return None
+
+
+    def _record_for_text(self, messages: list[dict]) -> dict | None:
+        """The record a text-only prompt is about: its question is in the prompt, and where
+        several records share a question, so is the description served to this one."""
+        text = "\n".join(_text_of(m) for m in messages)
+        with self._lock:
+            candidates = [r for q, rs in self._by_question.items() if q in text for r in rs]
+            if len(candidates) > 1:
+                candidates = [r for r in candidates if (self._history.get(_record_id(r), {}).get("describe")
+                                                        or "\x00") in text]
+            if len(candidates) != 1:
+                return None
+            record = candidates[0]
+            earlier = self._history.get(_record_id(record), {})
+            return {**record, "stages": {**record.get("stages", {}),
+                                         **{s: {"text": t} for s, t in earlier.items()}}}
 
 
 def _record_id(record: dict) -> str:

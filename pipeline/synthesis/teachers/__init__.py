@@ -22,7 +22,6 @@ from pipeline.synthesis.teachers.base import (
 
 BACKENDS: dict[str, str] = {
     "openai": "pipeline.synthesis.teachers.openai_backend:OpenAITeacher",
-    "vllm": "pipeline.synthesis.teachers.vllm_backend:VLLMTeacher",
     "programmatic": "pipeline.synthesis.teachers.programmatic:ProgrammaticTeacher",
 }
 assert set(BACKENDS) == set(get_args(Backend)), "the Backend literal and the registry must agree"

@@ -11,6 +11,11 @@ The retry policy lives here and only here (the ``openai`` client's own retries a
   same truncation again); ``"content_filter"`` fails as ``teacher_refused``.
 * 401/403/404 mean a wrong key, model or URL: not one sample's failure, so they raise
   :class:`TeacherFatalError` out of ``agenerate`` instead of rejecting every sample.
+* A circuit breaker (:class:`~pipeline.synthesis.teachers.base.CircuitBreaker`,
+  ``breaker_after``) raises the same when one refusal (another 4xx) repeats, or when attempts
+  keep failing to connect (a server that died): one stage failure, not thousands of rejects.
+* :meth:`OpenAITeacher.preflight` checks the endpoint before any work: the model is served, and
+  ``max_tokens`` fits the ``max_model_len`` the server reports (vLLM does).
 
 The API key is read from the environment variable named by ``config.api_key_env`` and is scrubbed
 from every message this module produces; errors are built outside ``except`` blocks so no
@@ -35,12 +40,15 @@ from openai.types.chat import ChatCompletion
 
 from pipeline.images import ImageError, to_data_url
 from pipeline.synthesis.teachers.base import (
+    CircuitBreaker,
     OnResult,
     Teacher,
     TeacherConfig,
     TeacherError,
+    TeacherFatalError,
     TeacherRequest,
     TeacherResponse,
+    TeacherSetupError,
     replace_image_parts,
 )
 from pipeline.synthesis.usage import UsageTotals
@@ -61,8 +69,15 @@ FATAL_STATUS = {401: "authentication failed (check the key in ${env})",
 _ERROR_TEXT_CHARS = 300
 
 
-class TeacherFatalError(RuntimeError):
-    """The endpoint refuses every request (bad key, unknown model, wrong URL): stop the stage."""
+def reasoning_of(message: Any) -> str | None:
+    """A reasoning model's chain, where servers put it: ``reasoning_content`` (DeepSeek's API,
+    vLLM before 0.11) or ``reasoning`` (vLLM's reasoning parsers since); None when absent."""
+    extra = getattr(message, "model_extra", None) or {}
+    for name in ("reasoning_content", "reasoning"):
+        value = getattr(message, name, None) or extra.get(name)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -124,6 +139,7 @@ class OpenAITeacher(Teacher):
         self._state: _LoopState | None = None
         self.stats: Counter[str] = Counter()  # requests, successes, retries, failed:<reason>
         self.usage = UsageTotals()
+        self.breaker = CircuitBreaker(config.breaker_after, f"teacher {config.model} at {config.base_url}")
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -154,6 +170,39 @@ class OpenAITeacher(Teacher):
             failed = sum(isinstance(r, TeacherError) for r in results)
             log.info("teacher %s: %d requests, %d failed", self.model, len(requests), failed)
         return results  # type: ignore[return-value]
+
+    def preflight(self, sampling: dict[str, Any], key_prefix: str = "teacher") -> None:
+        """Before any work: the endpoint answers ``GET /models``, serves ``model``, and
+        ``max_tokens`` fits the ``max_model_len`` it reports (vLLM reports it; OpenAI does not).
+        Raises :class:`TeacherSetupError` naming the key to fix."""
+        where = f"{self.config.base_url or 'the default OpenAI endpoint'}"
+        error: TeacherSetupError | None = None
+        served: list[Any] = []
+        try:
+            with openai.OpenAI(base_url=self.config.base_url, api_key=self.config.api_key(),
+                               max_retries=0, timeout=min(self.config.timeout_s, 30.0)) as client:
+                served = list(client.models.list())
+        except openai.APIConnectionError as e:
+            error = TeacherSetupError(f"{key_prefix}.base_url",
+                                      f"cannot reach {where} ({type(e).__name__}); is the server up?")
+        except openai.APIStatusError as e:
+            key = f"{key_prefix}.api_key_env" if e.status_code in (401, 403) else f"{key_prefix}.base_url"
+            error = TeacherSetupError(key, self._redact(f"GET {where}/models answered HTTP "
+                                                        f"{e.status_code}: {self._body_text(e)}"))
+        if error is not None:
+            raise error
+        ids = [m.id for m in served]
+        model = next((m for m in served if m.id == self.config.model), None)
+        if model is None:
+            raise TeacherSetupError(f"{key_prefix}.model", f"{self.config.model!r} is not served at "
+                                    f"{where} (served: {', '.join(ids) or 'none'})")
+        limit = getattr(model, "max_model_len", None) or (model.model_extra or {}).get("max_model_len")
+        wanted = sampling.get("max_tokens") or sampling.get("max_completion_tokens")
+        sampling_prefix = key_prefix.rsplit(".", 1)[0] + ".sampling" if "." in key_prefix else "sampling"
+        if isinstance(limit, int) and isinstance(wanted, int) and wanted >= limit:
+            raise TeacherSetupError(f"{sampling_prefix}.max_tokens",
+                                    f"{wanted} does not fit {self.config.model}'s max_model_len {limit} at "
+                                    f"{where} (the prompt needs room too); lower it or serve a longer context")
 
     def build_messages(self, request: TeacherRequest) -> list[dict]:
         """``request.messages`` with each ``{"type": "image", "index": i}`` part as a data URL."""
@@ -239,6 +288,7 @@ class OpenAITeacher(Teacher):
         failure: _Failed | None = None
         fatal: str | None = None
         completion: Any = None
+        connection_failed = refused = False
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 completion = await state.client.chat.completions.create(
@@ -247,6 +297,7 @@ class OpenAITeacher(Teacher):
             failure = self._failed("teacher_timeout", f"no response within {self.config.timeout_s}s")
         except openai.APIConnectionError as e:
             failure = self._failed("teacher_failed", f"connection error ({type(e).__name__})")
+            connection_failed = True
         except openai.APIStatusError as e:
             status, headers, body = e.status_code, e.response.headers, self._body_text(e)
             if status in FATAL_STATUS:
@@ -262,13 +313,21 @@ class OpenAITeacher(Teacher):
                                        retry_after_s=parse_retry_after(headers))
             else:  # 400/413/422...: this request is wrong; sending it again cannot help
                 failure = self._failed("teacher_failed", f"HTTP {status}: {body}", retryable=False)
+                refused = True
         except (openai.APIResponseValidationError, ValueError) as e:  # JSONDecodeError included
             failure = self._failed("teacher_malformed", f"unparseable body ({type(e).__name__})")
         if fatal is not None:
             raise TeacherFatalError(self._redact(fatal))
+        if connection_failed:  # may trip the breaker: outside the except, so no exception
+            self.breaker.connection_failed(failure.error.message)  # context carries the request
+        if refused:
+            self.breaker.refused(failure.error.message)
         if failure is not None:
             return failure
-        return self._parse(request, completion, time.perf_counter() - started)
+        parsed = self._parse(request, completion, time.perf_counter() - started)
+        if isinstance(parsed, TeacherResponse):
+            self.breaker.success()
+        return parsed
 
     def _failed(self, reason: str, message: str, retryable: bool = True,
                 retry_after_s: float | None = None) -> _Failed:
@@ -288,6 +347,7 @@ class OpenAITeacher(Teacher):
                 raise TypeError("no choices")
             choice = completion.choices[0]
             text = choice.message.content
+            reasoning = reasoning_of(choice.message)
             finish_reason = choice.finish_reason or "stop"
             usage = completion.usage
             prompt_tokens = int(usage.prompt_tokens) if usage else 0
@@ -303,9 +363,9 @@ class OpenAITeacher(Teacher):
             return failure
         if finish_reason == "content_filter":
             return self._failed("teacher_refused", "finish_reason content_filter", retryable=False)
-        if not isinstance(text, str) or not text.strip():
+        if not (isinstance(text, str) and text.strip()) and not reasoning:
             return self._failed("teacher_malformed", "empty message content")
-        return TeacherResponse(text=text, prompt_tokens=prompt_tokens,
+        return TeacherResponse(text=text if isinstance(text, str) else "", prompt_tokens=prompt_tokens,
                                completion_tokens=completion_tokens, finish_reason=finish_reason,
                                model=str(completion.model or self.config.model),
-                               latency_s=latency_s)
+                               latency_s=latency_s, reasoning=reasoning)
