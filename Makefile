@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-vllm vllm-setup bench lint clean
+.PHONY: setup browser demo test test-vllm vllm-setup bench lint clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m flows.synth --config $(DEMO_CONFIG)
 
-test: setup
+# The browser check of the Prefect UI needs Debian's chromium (tests/test_flow_deployment.py).
+browser:
+	@scripts/install_chromium.sh
+
+test: setup browser
 	$(PY) -m pytest tests
 
 # The real vLLM OpenAI server, in its own environment: vLLM pins a fastapi that prefect>=3.9

@@ -54,16 +54,18 @@ class StageTally:
 
 
 def top_reasons(reasons: Counter, n: int = TOP_REASONS) -> str:
-    return ", ".join(f"{reason} ({count})" for reason, count in reasons.most_common(n)) or "-"
+    # "none", not "-": the UI renders table cells as markdown, where "-" is a list bullet
+    return ", ".join(f"{reason} ({count})" for reason, count in reasons.most_common(n)) or "none"
 
 
 def tally_row(stage: str, tally: StageTally, n_shards: int) -> dict:
-    """One row of the live table, with the labels a person reads in the UI."""
+    """One row of the live table, with the labels a person reads in the UI; narrow enough that
+    the cost column is on screen in a 1400 px wide window."""
     return {"Stage": stage, "Shards": f"{tally.shards_done}/{n_shards}",
-            "Results": tally.results, "Rejects": tally.rejects,
-            "Done before": tally.done_before, "Top reject reasons": top_reasons(tally.reasons),
-            "Prompt tokens": tally.prompt_tokens, "Completion tokens": tally.completion_tokens,
-            "Est. cost (USD)": f"{tally.cost_usd:.4f}"}
+            "Results": tally.results + tally.done_before, "Rejects": tally.rejects,
+            "Top reject reasons": top_reasons(tally.reasons),
+            "Tokens in / out": f"{tally.prompt_tokens:,} / {tally.completion_tokens:,}",
+            "Cost (USD)": f"{tally.cost_usd:.4f}"}
 
 
 class RunProgress:

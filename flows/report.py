@@ -18,7 +18,7 @@ from pipeline.store import WorkStore
 STEP_LABELS = {
     "input": "Candidates (scored by VAS)",
     "correct": "Answer verified against the gold answer",
-    "format": "Response format <think>/<answer>",
+    "format": "Response format `<think>`/`<answer>`",
     "anchors": "Enough visual anchors",
     "length": "Within the length bounds",
     "vas": "Passes the VAS criterion",
@@ -36,14 +36,14 @@ def _stage_timing(reports: list[dict]) -> tuple[float, float]:
 
 
 def _reasons(reasons: dict[str, int]) -> str:
-    return ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) or "-"
+    return ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) or "none"
 
 
 def funnel_rows(funnel: dict) -> list[dict]:
     steps = funnel.get("steps") or {}
     first = steps.get("input") or 0
     return [{"Step": STEP_LABELS[step], "Samples": steps.get(step, 0),
-             "Share of candidates": f"{100 * steps.get(step, 0) / first:.1f}%" if first else "-"}
+             "Share of candidates": f"{100 * steps.get(step, 0) / first:.1f}%" if first else "n/a"}
             for step in STEPS if step in steps or not steps]
 
 

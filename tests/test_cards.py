@@ -172,3 +172,34 @@ def test_odd_ids_make_safe_file_names():
     assert safe_name("0123abcd") == "0123abcd"
     odd = safe_name("../../etc/passwd")
     assert "/" not in odd and ".." not in odd and odd != safe_name("__/__/etc/passwd")
+
+
+def test_card_has_column_statistics_and_one_sample_per_split(carded):
+    _, funnel, result, text = carded
+    rows = {r[0]: r for r in _table(text, "column | n | min")}
+    kept = sum(result.splits.values())
+    assert rows["`response_chars`"][1] == str(kept) and rows["`n_anchors`"][1] == str(kept)
+    vas = funnel.vas["quantiles"]["raw"]
+    assert rows["VAS raw (filter candidates)"][1] == str(vas["n"])  # the exact candidate quantiles
+    assert float(rows["VAS raw (filter candidates)"][5]) == pytest.approx(vas["median"], rel=1e-3)
+    samples = re.findall(r"<summary>(train|test)</summary>\n\n```json\n(.*?)\n```", text, re.DOTALL)
+    assert sorted(split for split, _ in samples) == sorted(result.splits)
+    import json
+    for _, body in samples:
+        record = json.loads(body)
+        assert record["images"][0]["width"] and "bytes" not in record["images"][0]
+    assert "Answer types: " in text
+
+
+def test_the_card_reproduces_its_config(tmp_path):
+    """The card's command runs the config written beside it; that config has the same digest."""
+    from flows import components
+    from flows.config import load_synth_config
+    config = load_synth_config("configs/ci_small.yaml", [f"publish.cards_dir={tmp_path}", "seeds.n=4"])
+    record = make_record(0)
+    result = publish(config.publish, [record], provenance=components.provenance(config), progress=False)
+    text = result.card_path.read_text()
+    command = re.search(r"```bash\n(python -m flows.synth --config (\S+))\n```", text)
+    assert command, "no reproduce command in the card"
+    assert load_synth_config(command.group(2)).digest() == config.digest()
+    assert f"`{config.digest()[:16]}`" in text

@@ -312,7 +312,10 @@ def gold_responder(call: ChatCall) -> str:
         raise ResponderError(400, "unknown record or stage")
     gold = record["gold_answer"]
     if call.stage == "describe":
-        return "Global scan: a figure. Parts: labelled elements. Links: as drawn. Scene: as drawn."
+        # the id makes each description unique, so the server can tell records with the same
+        # question apart in the text-only reason and anchor prompts (which quote the description)
+        return (f"Global scan: figure {record['id'][:8]}. Parts: labelled elements. Links: as drawn. "
+                "Scene: as drawn.")
     if call.stage == "reason":
         return (f"<think>Read the values. Compute step by step. Wait, is this right? Re-check: it "
                 f"holds. The result is {gold}.</think><answer>{gold}</answer>")
