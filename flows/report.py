@@ -95,6 +95,13 @@ def vas_lines(vas: dict) -> list[str]:
     return lines
 
 
+def _random_weights_note(summary: dict) -> list[str]:
+    if not summary.get("vas_random_weights"):
+        return []
+    return [(f"> **The VAS reference model `{summary.get('vas_model')}` has random weights**: the scores "
+             "exercise the code and carry no signal about visual grounding."), ""]
+
+
 def _table(rows: list[dict]) -> list[str]:
     if not rows:
         return ["(none)"]
@@ -128,7 +135,7 @@ def run_summary_markdown(summary: dict, store: WorkStore, plan: Plan = DEFAULT_P
               "Filter rejects: " + _reasons(funnel.get("rejects") or {}), "",
               "## Stages", "", *_table(stage_rows(summary, store, plan)), "",
               "## Teacher usage and cost (this run)", "", *_table(usage_rows(summary)), "",
-              "## VAS", "", *vas_lines(funnel.get("vas") or {})]
+              "## VAS", "", *_random_weights_note(summary), *vas_lines(funnel.get("vas") or {})]
     return "\n".join(lines) + "\n"
 
 

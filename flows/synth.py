@@ -54,6 +54,7 @@ from pipeline.errors import PermanentError, retryable
 from pipeline.plan import DEFAULT_PLAN
 from pipeline.store import WorkStore
 from pipeline.synthesis.vllm_server import ServerStartError
+from pipeline.vlm.loading import has_random_weights
 
 EXIT_NOTHING_PUBLISHED = 3  # the run finished, but no sample survived (the card says why)
 
@@ -193,7 +194,8 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
     summary = {"config_path": config_path, "config_digest": config.digest(),
                "store_dir": str(config.run.store_dir), "seconds": time.time() - started,
                "runner": config.run.runner, "flow_pid": os.getpid(),
-               "seeds": seeds, "stages": reports,
+               "seeds": seeds, "stages": reports, "vas_model": config.vas.model,
+               "vas_random_weights": has_random_weights(config.vas.model),
                "funnel": filtered["funnel"], "published": published}
     write_json_atomic(store.root / "run_summary.json", summary)
     publish_run_artifacts(summary, store)

@@ -203,3 +203,20 @@ def test_the_card_reproduces_its_config(tmp_path):
     assert command, "no reproduce command in the card"
     assert load_synth_config(command.group(2)).digest() == config.digest()
     assert f"`{config.digest()[:16]}`" in text
+
+
+def test_card_says_when_the_vas_model_has_random_weights_and_shows_the_budget(tmp_path):
+    records = [make_record(i) for i in range(3)]
+    for r in records:
+        r["vas"].update(random_weights=True, budget={"system": 0.1, "image": 0.5, "user": 0.2,
+                                                     "response": 0.1, "rest": 0.1})
+    config = PublishConfig(dataset_name="rnd", out_dir=str(tmp_path / "out"), cards_dir=str(tmp_path / "cards"),
+                           exports=[], test_fraction=0.0)
+    text = publish(config, records, progress=False).card_path.read_text()
+    assert "**The VAS reference model has random weights** (3 of 3 samples)" in text
+    [header] = [line for line in text.splitlines() if line.startswith("| system | image |")]
+    rows = _table(text, "system | image |")
+    assert header == "| system | image | user | response | rest |" and rows == [["0.1", "0.5", "0.2", "0.1", "0.1"]]
+    trained = [make_record(i) for i in range(3)]
+    text = publish(config, trained, progress=False).card_path.read_text()
+    assert "random weights" not in text

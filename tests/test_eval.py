@@ -72,7 +72,7 @@ def test_end_to_end_report(tmp_path, tiny_model_dir, capsys):
     assert report["per_sample"][0]["id"] == "0"
 
 
-def test_evaluates_a_trained_checkpoint(tmp_path):
+def test_evaluates_a_trained_checkpoint(tmp_path, monkeypatch):
     from trainer import sft
     from trainer.configs import AGTOConfig, parse_config
 
@@ -81,7 +81,37 @@ def test_evaluates_a_trained_checkpoint(tmp_path):
                                         "--max_steps", "1"]))
     folder = tmp_path / "bench"
     mathvista_like(2).save_to_disk(str(folder))
+    monkeypatch.setenv("AVAR_CACHE", str(tmp_path / "cache"))
     report = evaluation.main(["--model", str(checkpoint), "--data", str(folder), "--split", "train",
-                              "--skip_accuracy", "--max_pixels", "12544"])
+                              "--skip_accuracy"])
     assert "accuracy" not in report and report["vas"]["n_scored"] == 2
-    assert (checkpoint / "eval_bench_train.json").exists()  # default report path: beside the checkpoint
+    # the image budget it was trained with (configs/sft_tiny.yaml), not the 262144 default
+    assert report["max_pixels"] == 12544 and report["max_pixels_from"] == "checkpoint processor"
+    assert (tmp_path / "cache" / "eval" / "sft" / "eval_bench_train.json").exists()  # outside the tree
+    assert not (checkpoint / "eval_bench_train.json").exists()
+
+
+def test_intervention_report_and_checkpoint_defaults(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """One report, the same rows with and without the intervention: the image share of the user
+    queries' attention rises with a_img > 0; at a_img = a_sys = 0 nothing changes. max_pixels
+    comes from the checkpoint; the default report lands under $AVAR_CACHE, not in the tree."""
+    from pipeline.vlm.tiny import TINY_MAX_PIXELS
+    folder = tmp_path / "bench"
+    mathvista_like(3).save_to_disk(str(folder))
+    monkeypatch.setenv("AVAR_CACHE", str(tmp_path / "cache"))
+    common = ["--model", "tiny", "--data", str(folder), "--split", "train", "--max-samples", "3",
+              "--max-new-tokens", "4", "--intervention"]
+    report = evaluation.main([*common, "--a_img", "0.8", "--a_sys", "0.3"])
+    assert report["max_pixels"] == TINY_MAX_PIXELS and report["max_pixels_from"] == "checkpoint processor"
+    assert report["system_prompt"] == "You are a helpful assistant."
+    base, scaled = report["vas"], report["intervention"]["vas"]
+    assert scaled["budget"]["image"] > base["budget"]["image"] and scaled["raw"] > base["raw"]
+    assert sum(base["budget"].values()) == pytest.approx(1.0, abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "| as trained |" in printed and "| intervention a_img=0.8 a_sys=0.3 |" in printed
+    written = list((tmp_path / "cache" / "eval").rglob("*.json"))
+    assert [p.name for p in written] == ["eval_bench_train_intervention-0.8-0.3.json"]
+
+    neutral = evaluation.main([*common, "--a_img", "0", "--a_sys", "0"])
+    assert [s["output"] for s in neutral["per_sample"]] == [s["output"] for s in neutral["intervention"]["per_sample"]]
+    assert neutral["intervention"]["vas"]["raw"] == pytest.approx(neutral["vas"]["raw"], rel=1e-6)

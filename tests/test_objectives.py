@@ -124,3 +124,34 @@ def test_empty_query_sets_and_mismatched_masks():
         model(**inputs)
     with pytest.raises(ValueError, match="no 'system' key set"):
         vas_ratio(image_only)
+
+
+def test_sup_floor_stops_l_sup_below_it():
+    """Guard (off by default): below the floor L_sup is constant, so it no longer pushes."""
+    model, _, processor = tiny_models()
+    inputs, spans = chat_batch(processor)
+    cap = _capture(model, inputs, spans.user, spans, grad=True)
+    _, paper = agto_terms(cap, reduction="mean")
+    _, floored = agto_terms(cap, reduction="mean", sup_floor=0.99)  # above every head's mean
+    assert floored.item() == pytest.approx(torch.log(torch.tensor(0.99 + EPS)).item(), rel=1e-6)
+    assert paper.item() < floored.item()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(floored, params, allow_unused=True, retain_graph=True)
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)
+    grads = torch.autograd.grad(paper, params, allow_unused=True)
+    assert any(g is not None and float(g.abs().max()) > 0 for g in grads)
+
+
+def test_bounded_visual_reward_is_the_image_share():
+    """Guard (off by default): r_visual as the response's image share, in [0, 1]."""
+    model, eager, processor = tiny_models()
+    inputs, spans = chat_batch(processor)
+    cap = _capture(model, inputs, spans.response, spans)
+    share = visual_reward(cap, form="image_share")
+    attn = _eager_attention(eager, inputs).sum(2)  # heads summed [l, B, L, L]
+    per_token = ((attn * spans.image[None, :, None, :]).sum(-1) / attn.sum(-1)).mean(0)  # [B, L]
+    expected = (per_token * spans.response).sum(-1) / spans.response.sum(-1)
+    assert torch.allclose(share, expected, rtol=1e-4) and bool(((share >= 0) & (share <= 1)).all())
+    assert bool((visual_reward(cap) > share).all())  # the paper's ratio is not bounded by 1
+    with pytest.raises(ValueError, match="form"):
+        visual_reward(cap, form="log")

@@ -112,6 +112,11 @@ def test_loss_parts_logged_only_with_agto(runs):
     assert all(e > 0 for e in enh) and all(s < 0 for s in sup) and all(v > 0 for v in vas)
     # the objective pushes image attention up and system attention down during training
     assert enh[-1] < enh[0] and sup[-1] < sup[0]
+    # the attention budget of the user queries beside VAS: shares that sum to 1, image share up
+    shares = {k: logged(runs["agto"], f"budget/{k}") for k in ("system", "image", "user", "response", "rest")}
+    assert all(len(v) == 8 for v in shares.values()) and not logged(runs["plain"], "budget/image")
+    assert all(abs(sum(step) - 1) < 1e-4 for step in zip(*shares.values(), strict=True))
+    assert shares["image"][-1] > shares["image"][0] and len(logged(runs["agto"], "vas_ratio_of_means")) == 8
     losses, lm = logged(runs["agto"], "loss"), logged(runs["agto"], "lm_loss")
     for total, lm_part, e, s in zip(losses, lm, enh, sup):
         assert total == pytest.approx(lm_part + e + s, abs=2e-3)

@@ -119,7 +119,13 @@ def test_cli_on_a_parquet_dataset_and_jsonl_resume(tmp_path, capsys):
     scores = pl.read_parquet(out)
     assert scores["id"].to_list() == table["id"].to_list()
     assert scores["status"].to_list() == ["ok"] * 3 and (scores["raw"] > 0).all()
-    assert "VAS (response) over 3 samples" in capsys.readouterr().out
+    # the attention budget beside VAS: one column per key set, shares summing to 1; per-layer VAS
+    budget = scores.select([f"budget_{name}" for name in ("system", "image", "user", "response", "rest")])
+    assert (budget.sum_horizontal() - 1.0).abs().max() < 1e-5
+    assert {"vas_layer_0", "vas_layer_1", "ratio_of_means"} <= set(scores.columns)
+    assert ((scores["vas_layer_0"] + scores["vas_layer_1"]) / 2 - scores["raw"]).abs().max() < 1e-4 * scores["raw"].max()
+    printed = capsys.readouterr().out
+    assert "VAS (response) over 3 samples" in printed and "attention budget of the queries: system" in printed
 
     import datasets  # a saved HF dataset with a decoded Image column (PIL images)
 

@@ -97,6 +97,9 @@ class AGTOConfig(SFTConfig, ModelDataFields):
                   "end); all layers when unset."},
     )
     eps: float = field(default=1e-6, metadata={"help": "Epsilon inside the AGTO logarithms."})
+    sup_floor: float | None = field(default=None, metadata={
+        "help": "Guard (ours; null = the paper): floor on the mean system attention inside L_sup, "
+                "e.g. 0.01; below it L_sup stops pushing, so no head's system mass is driven to ~0."})
     assistant_only_loss: bool = field(
         default=True,
         metadata={"help": "LM loss on the assistant (response) tokens only, via the chat template's "
@@ -105,6 +108,8 @@ class AGTOConfig(SFTConfig, ModelDataFields):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.sup_floor is not None and not 0 < self.sup_floor < 1:
+            raise ValueError(f"sup_floor must be in (0, 1) or null, got {self.sup_floor}")
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
         if self.eps <= 0:
@@ -130,6 +135,9 @@ class VARSConfig(GRPOConfig, ModelDataFields):
                   "layers when unset."},
     )
     visual_eps: float = field(default=1e-6, metadata={"help": "Epsilon in the r_visual ratio's denominator."})
+    visual_form: str = field(default="ratio", metadata={
+        "help": "r_visual form: 'ratio' (the paper: image mass / system mass, unbounded) or "
+                "'image_share' (guard, ours: the share of the response's attention on the image, in [0, 1])."})
     visual_batch_size: int = field(
         default=4,
         metadata={"help": "Rollouts per teacher-forced forward pass when measuring r_visual (memory bound)."},
@@ -145,6 +153,8 @@ class VARSConfig(GRPOConfig, ModelDataFields):
             raise ValueError(
                 f"reward_weights needs 3 values (r_acc, r_visual, r_format), got {self.reward_weights}"
             )
+        if self.visual_form not in ("ratio", "image_share"):
+            raise ValueError(f"visual_form must be 'ratio' or 'image_share', got {self.visual_form!r}")
         if self.visual_eps <= 0:
             raise ValueError(f"visual_eps must be > 0, got {self.visual_eps}")
 

@@ -24,6 +24,7 @@ import torch
 from trl import GRPOTrainer
 
 from pipeline.lens import AttentionLens
+from pipeline.lens.budget import BUDGET_NAMES, attention_budget, budget_key_masks
 from pipeline.lens.objectives import visual_reward
 from pipeline.response_format import extract_answer, format_ok
 from pipeline.verify import answers_match
@@ -93,8 +94,9 @@ class VisualReward:
 
     def __init__(self, processor: Any, layers: Sequence[int] | None = None, eps: float = 1e-6,
                  batch_size: int = 4, max_pixels: int | None = None,
-                 accuracy: Callable[..., list[float]] | None = None):
+                 accuracy: Callable[..., list[float]] | None = None, form: str = "ratio"):
         self.processor = processor
+        self.form = form  # "ratio" (paper) or "image_share" (bounded guard)
         self.layers = list(layers) if layers is not None else None
         self.eps, self.batch_size, self.max_pixels = eps, max(1, int(batch_size)), max_pixels
         self.accuracy = accuracy or AccuracyReward()
@@ -116,21 +118,27 @@ class VisualReward:
         correct = [r > 0 for r in self.accuracy(prompts=prompts, completions=completions,
                                                 completion_ids=completion_ids, images=images, **kwargs)]
         images = _column(images, len(prompts))
-        gated, raw = [], []
+        gated, raw, shares = [], [], []
         for start in range(0, len(prompts), self.batch_size):
             stop = start + self.batch_size
-            r_gated, r_raw = self.measure(prompts[start:stop], completion_ids[start:stop],
-                                          images[start:stop], correct[start:stop])
+            r_gated, r_raw, r_shares = self.measure(prompts[start:stop], completion_ids[start:stop],
+                                                    images[start:stop], correct[start:stop])
             gated += r_gated
             raw += r_raw
+            shares += r_shares
         if log_metric is not None:  # the ungated value shows whether attention itself moves
             log_metric("r_visual_ungated", sum(raw) / len(raw))
+            for k, name in enumerate(BUDGET_NAMES):  # where the response's attention goes
+                values = [row[k] for row in shares if row[k] == row[k]]
+                if values:
+                    log_metric(f"budget/{name}", sum(values) / len(values))
         return gated
 
     @torch.no_grad()
     def measure(self, prompts: list, completion_ids: list[list[int]], images: list,
-                correct: list[bool]) -> tuple[list[float], list[float]]:
-        """``(gated, ungated)`` r_visual of a chunk of rollouts."""
+                correct: list[bool]) -> tuple[list[float], list[float], list[list[float]]]:
+        """``(gated, ungated, budget shares)`` of a chunk of rollouts (shares in
+        :data:`~pipeline.lens.budget.BUDGET_NAMES` order)."""
         model = self._model_source()
         if self._lens is None or self._lens.model is not model:
             self._lens = AttentionLens(model, layers=self.layers)
@@ -157,21 +165,23 @@ class VisualReward:
         was_training = model.training
         model.eval()
         try:
-            with self._lens.capture(spans.response, image_mask=spans.image, system_mask=spans.system) as cap:
+            with self._lens.capture(spans.response, key_masks=budget_key_masks(spans)) as cap:
                 model(**inputs, use_cache=False)
         finally:
             model.train(was_training)
         gate = torch.tensor(correct, device=device)
-        gated = visual_reward(cap, eps=self.eps, correct=gate)
-        raw = visual_reward(cap, eps=self.eps)
-        return gated.float().cpu().tolist(), raw.float().cpu().tolist()
+        gated = visual_reward(cap, eps=self.eps, correct=gate, form=self.form)
+        raw = visual_reward(cap, eps=self.eps, form=self.form)
+        budget = attention_budget(cap).overall
+        return gated.float().cpu().tolist(), raw.float().cpu().tolist(), budget.float().cpu().tolist()
 
 
 def make_rewards(config: VARSConfig, processor: Any) -> list[Callable]:
     """The three reward functions in ``reward_weights`` order (r_acc, r_visual, r_format)."""
     accuracy = AccuracyReward()
     visual = VisualReward(processor, layers=config.visual_layers, eps=config.visual_eps,
-                          batch_size=config.visual_batch_size, max_pixels=config.max_pixels, accuracy=accuracy)
+                          batch_size=config.visual_batch_size, max_pixels=config.max_pixels, accuracy=accuracy,
+                          form=config.visual_form)
     return [accuracy, visual, FormatReward()]
 
 

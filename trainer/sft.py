@@ -22,6 +22,7 @@ from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from pipeline.lens import AttentionLens
+from pipeline.lens.budget import BUDGET_NAMES, attention_budget, budget_key_masks, ratio_of_means
 from pipeline.lens.objectives import agto_applies, agto_terms, vas_ratio
 from pipeline.vlm.spans import SpecialTokens, compute_spans
 from trainer.configs import AGTOConfig, parse_config
@@ -29,7 +30,8 @@ from trainer.data import load_table, sft_dataset, strip_nulls
 from trainer.models import fit_and_save, load_for_training
 
 logger = logging.getLogger("trainer.sft")
-PARTS = ("lm_loss", "l_enh", "l_sup", "vas", "agto_samples")
+BUDGET_PARTS = tuple(f"budget/{name}" for name in BUDGET_NAMES)  # user queries' attention shares
+PARTS = ("lm_loss", "l_enh", "l_sup", "vas", "vas_ratio_of_means", *BUDGET_PARTS, "agto_samples")
 
 
 class AVARVisionCollator(DataCollatorForVisionLanguageModeling):
@@ -63,18 +65,22 @@ class AGTOTrainer(SFTTrainer):
             spans = compute_spans(inputs["input_ids"], inputs.get("attention_mask"), self._special_tokens)
         if spans is None or not bool(spans.image.any()):  # plain SFT, or no image in this micro-batch
             lm_loss = super().compute_loss(model, inputs, False, num_items_in_batch)
-            loss, parts = lm_loss, (lm_loss.detach() * lm_scale, nan, nan, nan, 0.0)
+            loss, parts = lm_loss, (lm_loss.detach() * lm_scale, *[nan] * (len(PARTS) - 2), 0.0)
         else:
             # the lens observes the very forward pass that produces the LM loss
-            with self._lens.capture(spans.user, image_mask=spans.image, system_mask=spans.system) as capture:
+            with self._lens.capture(spans.user, key_masks=budget_key_masks(spans)) as capture:
                 lm_loss = super().compute_loss(model, inputs, False, num_items_in_batch)
-            l_enh, l_sup = agto_terms(capture, eps=config.eps, reduction="mean")
+            l_enh, l_sup = agto_terms(capture, eps=config.eps, reduction="mean", sup_floor=config.sup_floor)
             loss = lm_loss + (config.alpha * l_enh + config.beta * l_sup) / steps
             applies = agto_applies(capture)
             with torch.no_grad():
                 vas = vas_ratio(capture, eps=config.eps)[applies]
+                of_means = ratio_of_means(capture, eps=config.eps)[applies]
+                budget = attention_budget(capture).overall[applies]  # [n, 5]
+            mean = (lambda t: t.mean(0) if t.numel() else torch.full(t.shape[1:], nan))
             parts = (lm_loss.detach() * lm_scale, l_enh.detach(), l_sup.detach(),
-                     vas.mean() if vas.numel() else nan, float(applies.sum()))
+                     vas.mean() if vas.numel() else nan, of_means.mean() if of_means.numel() else nan,
+                     *mean(budget).tolist(), float(applies.sum()))
         self._log_parts(parts)
         if return_outputs:  # outside the capture: TRL's own path would run a second forward in it
             with torch.no_grad():

@@ -76,7 +76,8 @@ def size_normalized_vas(raw: torch.Tensor | float, n_image: torch.Tensor | int,
 
 def agto_terms(cap: Capture, query_mask: torch.Tensor | None = None,
                image_mask: torch.Tensor | None = None, system_mask: torch.Tensor | None = None,
-               eps: float = DEFAULT_EPS, reduction: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+               eps: float = DEFAULT_EPS, reduction: str = "none",
+               sup_floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """AGTO terms (SPEC "AGTO") over the captured queries ``Q`` and layers:
 
     ``L_enh = - mean_l mean_h log( mean_{q in Q, k in I} A + eps )``
@@ -86,6 +87,11 @@ def agto_terms(cap: Capture, query_mask: torch.Tensor | None = None,
     returns ``[B]`` tensors where samples without image tokens (or without queries or system
     tokens) are 0 -- AGTO is skipped for them; ``"mean"`` averages over the samples it applies to
     (0, still attached to the graph, when none). ``L = L_LM + alpha * L_enh + beta * L_sup``.
+
+    ``sup_floor`` (**ours**, off by default = the paper): the mean system attention inside
+    ``L_sup`` is clamped from below at this value, so ``L_sup`` stops pushing once a head's
+    system attention is under the floor (the paper's term has no floor until ``log(eps)``, and
+    drives the system mass of some heads to ~0, which blows the mean-of-ratios VAS up).
     """
     if reduction not in ("none", "mean"):
         raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
@@ -96,13 +102,15 @@ def agto_terms(cap: Capture, query_mask: torch.Tensor | None = None,
     n_system = cap.key_counts("system").to(valid.device, torch.float32)
     applies = (n_query > 0) & (n_image > 0) & (n_system > 0)
 
-    def term(mass: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
+    def term(mass: torch.Tensor, n_keys: torch.Tensor, floor: float | None = None) -> torch.Tensor:
         summed = (mass * valid[None, :, None, :]).sum(-1)  # [n_layers, B, H]
         mean_attention = summed / (n_query * n_keys).clamp(min=1)[None, :, None]
+        if floor is not None:  # no gradient below the floor: the term stops pushing there
+            mean_attention = mean_attention.clamp(min=floor)
         return torch.log(mean_attention + eps).mean(dim=(0, 2))  # [B]
 
     l_enh = torch.where(applies, -term(cap.image, n_image), torch.zeros_like(n_query))
-    l_sup = torch.where(applies, term(cap.system, n_system), torch.zeros_like(n_query))
+    l_sup = torch.where(applies, term(cap.system, n_system, sup_floor), torch.zeros_like(n_query))
     if reduction == "mean":
         count = applies.sum().clamp(min=1)
         return l_enh.sum() / count, l_sup.sum() / count
@@ -117,16 +125,26 @@ def agto_applies(cap: Capture) -> torch.Tensor:
 
 def visual_reward(cap: Capture, response_mask: torch.Tensor | None = None,
                   image_mask: torch.Tensor | None = None, system_mask: torch.Tensor | None = None,
-                  eps: float = DEFAULT_EPS, correct: torch.Tensor | None = None) -> torch.Tensor:
+                  eps: float = DEFAULT_EPS, correct: torch.Tensor | None = None,
+                  form: str = "ratio") -> torch.Tensor:
     """VARS ``r_visual`` ``[B]`` (SPEC "VARS"): mean over response tokens ``t`` (the captured
     queries) and layers of ``sum_{k in I} A[l,t,k] / (sum_{k in S} A[l,t,k] + eps)`` with
     ``A`` summed over heads; 0 where ``correct`` (bool ``[B]``) is False, and 0 for an empty
     response. A reward needs no gradient: call it (and the forward) under ``torch.no_grad()``.
+
+    ``form="image_share"`` (**ours**, a bounded guard; the paper's is ``"ratio"``): the share of
+    the response tokens' attention on the image, ``sum_I A / sum_all A`` with heads summed, in
+    [0, 1], so ``r_visual`` cannot swamp ``r_acc`` (after AGTO the paper's ratio reached ~5e5 on
+    a tiny model).
     """
+    if form not in ("ratio", "image_share"):
+        raise ValueError(f"form must be 'ratio' or 'image_share', got {form!r}")
     _check_masks(cap, response_mask, image_mask, system_mask)
     image = cap.image.sum(dim=2)  # heads summed: [n_layers, B, Qmax]
-    system = cap.system.sum(dim=2)
-    per_token = (image / (system + eps)).mean(dim=0)  # [B, Qmax]
+    if form == "image_share":
+        per_token = (image / cap.total.sum(dim=2).clamp(min=1e-30)).mean(dim=0)  # [B, Qmax]
+    else:
+        per_token = (image / (cap.system.sum(dim=2) + eps)).mean(dim=0)
     reward = torch.nan_to_num(_masked_query_mean(per_token, cap.query_valid.to(per_token.device)), nan=0.0)
     if correct is not None:
         correct = torch.as_tensor(correct, device=reward.device).bool()

@@ -145,6 +145,8 @@ class CardStats:
         self.response_chars: list[int] = []
         self.usage: dict[str, dict] = {}
         self.profile = ColumnProfile()
+        self.vas_random = 0  # samples scored on a random-weight reference model
+        self.budget: dict[str, list[float]] = {}  # attention budget shares per key set
         self._gallery: dict[str, list] = {}  # source -> max-heap (negated rank) of gallery entries
 
     def add(self, record: dict, split: str) -> None:
@@ -163,6 +165,9 @@ class CardStats:
         if isinstance(vas.get("normalized"), (int, float)):
             self.vas_normalized.append(float(vas["normalized"]))
         if vas:
+            self.vas_random += bool(vas.get("random_weights"))
+            for name, share in (vas.get("budget") or {}).items():
+                self.budget.setdefault(name, []).append(float(share))
             self.vas_models[str(vas.get("model", "?"))] += 1
             layers = vas.get("layers")
             self.vas_settings[(vas.get("queries"), vas.get("max_pixels"),
@@ -380,6 +385,7 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
         usage_run=_usage_rows((funnel or {}).get("usage") or {}, provenance),
         gallery=gallery, histogram=HISTOGRAM_FILE, exports=exports or {}, paper=PAPER,
         config_digest=(provenance or {}).get("config_digest"), dataset_digest=dataset_digest,
+        vas_random=stats.vas_random, budget=[(k, statistics.fmean(v)) for k, v in stats.budget.items()],
         reproduce=reproduce, column_rows=stats.profile.rows(), answer_types=stats.profile.answer_types.most_common(),
         with_choices=stats.profile.with_choices, split_samples=stats.profile.samples())
     assert_no_secrets(text, str(card_dir / "README.md"))

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pipeline.atomic import atomic_file
 from pipeline.executor import batched
 from pipeline.images import image_cells
+from pipeline.lens.budget import BUDGET_NAMES
 from pipeline.records import Reject
 from pipeline.vas import VASConfig
 from pipeline.vas.stage import VASStage
@@ -50,6 +51,15 @@ def read_records(path: str) -> Iterable[dict]:
 
 
 
+def flat_columns(vas: dict) -> dict:
+    """A VAS record as table columns: ``budget_<set>`` shares and ``vas_layer_<l>`` beside the
+    paper's ``raw``/``normalized`` (per-layer budget shares stay in the work store's records)."""
+    row = {k: v for k, v in vas.items() if k not in ("budget", "budget_per_layer", "per_layer")}
+    row.update({f"budget_{name}": share for name, share in (vas.get("budget") or {}).items()})
+    row.update({f"vas_layer_{layer}": value for layer, value in zip(vas.get("layers") or [], vas.get("per_layer") or [], strict=False)})
+    return row
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
@@ -84,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(result, Reject):
                 new_rows.append({"id": record["id"], "status": result.reason, "message": result.message})
             else:
-                new_rows.append({"id": record["id"], "status": "ok", **result["vas"]})
+                new_rows.append({"id": record["id"], "status": "ok", **flat_columns(result["vas"])})
         if out.suffix == ".jsonl":
             with out.open("a") as fh:
                 fh.writelines(json.dumps(row) + "\n" for row in new_rows)
@@ -96,7 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scored:
         raw = sum(r["raw"] for r in scored) / len(scored)
         normalized = sum(r["normalized"] for r in scored) / len(scored)
-        print(f"VAS ({args.queries}) over {len(scored)} samples: raw {raw:.4f}, normalized {normalized:.4f}")
+        print(f"VAS ({args.queries}) over {len(scored)} samples: raw {raw:.4f}, normalized {normalized:.4f}, "
+              f"ratio of means {sum(r['ratio_of_means'] for r in scored) / len(scored):.4f}")
+        shares = {name: sum(r[f"budget_{name}"] for r in scored) / len(scored) for name in BUDGET_NAMES}
+        print("attention budget of the queries: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
     skipped = len(rows) - len(scored)
     print(f"wrote {len(rows)} rows to {out} ({skipped} not scored{', ' + str(len(done)) + ' already done' if done else ''})")
     return 0

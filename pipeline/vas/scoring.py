@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -9,9 +10,17 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.lens import AttentionLens
+from pipeline.lens.budget import (
+    BUDGET_NAMES,
+    attention_budget,
+    budget_key_masks,
+    per_layer_vas,
+    ratio_of_means,
+)
 from pipeline.lens.objectives import size_normalized_vas, vas_ratio
 from pipeline.vas import DEFAULT_EPS, ScoreError, VASConfig, VASItem
 from pipeline.vlm import build_inputs, compute_spans, load_model_and_processor
+from pipeline.vlm.loading import has_random_weights
 
 
 def load_scoring_model(config: VASConfig):
@@ -41,15 +50,18 @@ def _length_estimate(item: VASItem, max_pixels: int | None) -> int:
 
 
 def score_items(model, processor, items: Sequence[VASItem], config: VASConfig,
-                model_name: str | None = None) -> list[dict | ScoreError]:
-    """VAS record (``schemas/sample.schema.json#vas``) or :class:`ScoreError` per item, in order."""
+                model_name: str | None = None, intervention=None) -> list[dict | ScoreError]:
+    """VAS record (``schemas/sample.schema.json#vas``) or :class:`ScoreError` per item, in order.
+
+    ``intervention`` (an :class:`~pipeline.lens.intervention.InterventionConfig`) measures the
+    attention under the training-free intervention instead of the model's own."""
     lens = AttentionLens(model, layers=config.layers)
     device = next(model.parameters()).device
     results: list[dict | ScoreError | None] = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: -_length_estimate(items[i], config.max_pixels))
     batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     base = {"model": model_name or config.model, "queries": config.queries, "max_pixels": config.max_pixels,
-            "layers": list(lens.layers)}
+            "layers": list(lens.layers), "random_weights": has_random_weights(config.model)}
     bar = tqdm(total=len(items), desc=f"VAS ({config.queries})", unit="sample", disable=not config.progress)
     for batch in batches:
         conversations = [_conversation(items[i], config.queries) for i in batch]
@@ -57,14 +69,27 @@ def score_items(model, processor, items: Sequence[VASItem], config: VASConfig,
                               padding_side="right", max_pixels=config.max_pixels)
         spans = compute_spans(inputs["input_ids"], inputs["attention_mask"], processor)
         query = spans.user if config.queries == "user" else spans.response
-        with torch.no_grad(), lens.capture(query.to(device), spans.image.to(device), spans.system.to(device)) as cap:
+        sets = {name: mask.to(device) for name, mask in budget_key_masks(spans).items()}
+        scaled = contextlib.nullcontext()
+        if intervention is not None:
+            from pipeline.lens.intervention import intervene
+            scaled = intervene(model, sets["image"], sets["system"], intervention)
+        with torch.no_grad(), scaled, lens.capture(query.to(device), key_masks=sets) as cap:
             model(**inputs.to(device), logits_to_keep=1)
         raw = vas_ratio(cap, config.eps).cpu()
+        budget = attention_budget(cap)
+        companions = ratio_of_means(cap, config.eps).cpu(), per_layer_vas(cap, config.eps).cpu()
         n_image, n_system, n_query = spans.image.sum(1), spans.system.sum(1), query.sum(1)
         normalized = size_normalized_vas(raw, n_image, n_system)
         for row, i in enumerate(batch):
             results[i] = _result(base, float(raw[row]), float(normalized[row]), int(n_image[row]),
                                  int(n_system[row]), int(n_query[row]))
+            if isinstance(results[i], dict):
+                shares = budget.row(row)
+                results[i].update(budget={k: shares[k] for k in BUDGET_NAMES},
+                                  budget_per_layer=shares["per_layer"],
+                                  ratio_of_means=float(companions[0][row]),
+                                  per_layer=[float(v) for v in companions[1][row]])
         bar.update(len(batch))
     bar.close()
     return results
@@ -91,15 +116,24 @@ class ModelVAS:
     n_skipped: int
     per_sample: list[dict | ScoreError]
 
+    def companions(self) -> dict:
+        """Means over the scored samples of the ratio of means and of the budget shares."""
+        good = [s for s in self.per_sample if not isinstance(s, ScoreError)]
+        if not good:
+            return {}
+        return {"ratio_of_means": sum(s["ratio_of_means"] for s in good) / len(good),
+                "budget": {k: sum(s["budget"][k] for s in good) / len(good) for k in BUDGET_NAMES},
+                "per_layer": [sum(v) / len(good) for v in zip(*(s["per_layer"] for s in good), strict=True)]}
+
 
 def model_vas(model, processor, items: Iterable[VASItem], layers: Sequence[int] | None = None,
               batch_size: int = 4, max_pixels: int | None = 262144, eps: float = DEFAULT_EPS,
-              model_name: str = "model", progress: bool = True) -> ModelVAS:
+              model_name: str = "model", progress: bool = True, intervention=None) -> ModelVAS:
     """The paper's VAS of ``model``: queries ``U``, prefill only, mean over layers, heads, tokens
     and the probe set (samples that cannot be scored are counted in ``n_skipped``)."""
     config = VASConfig(model=model_name, queries="user", layers=list(layers) if layers is not None else None,
                        batch_size=batch_size, max_pixels=max_pixels, eps=eps, progress=progress)
-    scores = score_items(model, processor, list(items), config, model_name=model_name)
+    scores = score_items(model, processor, list(items), config, model_name=model_name, intervention=intervention)
     good = [s for s in scores if not isinstance(s, ScoreError)]
     mean = (lambda key: sum(s[key] for s in good) / len(good)) if good else (lambda key: float("nan"))
     return ModelVAS(raw=mean("raw"), normalized=mean("normalized"), n_scored=len(good),

@@ -25,6 +25,17 @@ def resolve_model_name(name_or_path: str | Path) -> str:
     return str(name_or_path)
 
 
+def has_random_weights(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` is one of the project's random-weight builds (the ``tiny`` alias
+    or a folder written by :mod:`pipeline.vlm.tiny`): scores on it exercise the code and carry
+    no signal about grounding. A checkpoint trained from it is saved elsewhere, without the
+    builder's marker file, and counts as trained."""
+    if str(name_or_path) == TINY_ALIAS:
+        return True
+    from pipeline.vlm.tiny import DONE_MARKER
+    return (Path(name_or_path) / DONE_MARKER).is_file()
+
+
 def load_model_and_processor(name_or_path: str | Path, dtype: str | torch.dtype = "auto",
                              attn_implementation: str = "sdpa", device_map: Any = None,
                              **model_kwargs: Any) -> tuple[torch.nn.Module, ProcessorMixin]:
