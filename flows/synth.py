@@ -54,7 +54,6 @@ from pipeline.errors import PermanentError, retryable
 from pipeline.plan import DEFAULT_PLAN
 from pipeline.store import WorkStore
 from pipeline.synthesis.vllm_server import ServerStartError
-from pipeline.vlm.loading import has_random_weights
 
 EXIT_NOTHING_PUBLISHED = 3  # the run finished, but no sample survived (the card says why)
 
@@ -191,6 +190,8 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
             filtered = runner.submit(filter_task.with_options(**retry), {"config": config}).result()
             published = runner.submit(publish_task.with_options(**retry),
                                       {"config": config, "filtered": filtered}).result()
+    from pipeline.vlm.loading import has_random_weights  # torch: only once the run has happened
+
     summary = {"config_path": config_path, "config_digest": config.digest(),
                "store_dir": str(config.run.store_dir), "seconds": time.time() - started,
                "runner": config.run.runner, "flow_pid": os.getpid(),
