@@ -93,16 +93,16 @@ def managed_servers(config: SynthConfig, log_dir: Path) -> Iterator[SynthConfig]
     model), yield ``config`` with those teachers' ``base_url`` pointing at them, stop them all
     at the end. A config without ``serve`` passes through unchanged."""
     wanted: dict[str, list[str]] = {}  # server identity -> stage names
-    servers: dict[str, VLLMServer] = {}
+    teachers = {}
     for name in STAGE_NAMES_WITH_TEACHERS:
         teacher = getattr(config.stages, name).teacher
-        if teacher.serve is None:
-            continue
-        identity = stable_hash({"serve": asdict(teacher.serve), "model": teacher.model})
-        wanted.setdefault(identity, []).append(name)
-        servers.setdefault(identity, VLLMServer(teacher.serve, teacher.model, log_dir))
-    for identity, server in servers.items():  # e.g. <store>/logs/vllm-reason-anchor.log
-        server.log_path = log_dir / f"vllm-{'-'.join(wanted[identity])}.log"
+        if teacher.serve is not None:
+            identity = stable_hash({"serve": asdict(teacher.serve), "model": teacher.model})
+            wanted.setdefault(identity, []).append(name)
+            teachers.setdefault(identity, teacher)
+    servers = {identity: VLLMServer(teacher.serve, teacher.model,  # <store>/logs/vllm-reason-anchor.log
+                                    log_dir / f"vllm-{'-'.join(wanted[identity])}.log")
+               for identity, teacher in teachers.items()}
     if not servers:
         yield config
         return
