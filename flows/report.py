@@ -27,12 +27,11 @@ STEP_LABELS = {
 assert set(STEP_LABELS) == set(STEPS), "a filter step without a label"
 
 
-def _stage_timing(reports: list[dict]) -> tuple[float, float]:
-    """(wall seconds, summed task seconds) over a stage's shard reports."""
+def _wall_seconds(reports: list[dict]) -> float:
+    """Wall-clock seconds a stage's shard tasks spanned (first start to last finish)."""
     if not reports:
-        return 0.0, 0.0
-    wall = max(r["finished"] for r in reports) - min(r["started"] for r in reports)
-    return wall, sum(r["finished"] - r["started"] for r in reports)
+        return 0.0
+    return max(r["finished"] for r in reports) - min(r["started"] for r in reports)
 
 
 def _reasons(reasons: dict[str, int]) -> str:
@@ -55,7 +54,7 @@ def stage_rows(summary: dict, store: WorkStore, plan: Plan = DEFAULT_PLAN) -> li
         stage_store = store.stage(stage)
         counts = stage_store.counts()
         reports = this_run.get(stage, [])
-        wall, _ = _stage_timing(reports)
+        wall = _wall_seconds(reports)
         rows.append({"Stage": stage, "Results": counts["result"], "Rejects": counts["reject"],
                      "Reject reasons": _reasons(stage_store.reject_reasons()),
                      "New this run": sum(r.get("results", 0) + r.get("rejects", 0) for r in reports),

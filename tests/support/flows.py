@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,19 +12,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.synthesis.vllm_server import free_port  # noqa: F401 - re-exported for the tests
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 CI_CONFIG = REPO / "configs" / "ci_small.yaml"
 CI_DATASET = "avar-ci-small"  # publish.dataset_name in the small config
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def flow_env(prefect_home: Path, api_url: str | None = None) -> dict[str, str]:
+def flow_env(prefect_home: Path, api_url: str | None = None, extra: dict | None = None) -> dict[str, str]:
     """Environment for a flow subprocess: its own Prefect home (own SQLite), offline, no analytics."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
     env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -33,6 +28,7 @@ def flow_env(prefect_home: Path, api_url: str | None = None) -> dict[str, str]:
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     if api_url:
         env["PREFECT_API_URL"] = api_url
+    env.update(extra or {})
     return env
 
 

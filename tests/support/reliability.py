@@ -18,9 +18,7 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +27,8 @@ from typing import Self
 
 import pyarrow.parquet as pq
 
+from tests.support.flows import CI_CONFIG, PYTHON, REPO, flow_env, free_port, stop_process
+from tests.support.flows import stage_row_ids as stage_ids  # noqa: F401 - the reliability suite's name
 from tests.support.teacher_server import (
     TEST_MODELS,
     ChatCall,
@@ -37,10 +37,7 @@ from tests.support.teacher_server import (
     TeacherServer,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
 PREFECT = str(Path(PYTHON).parent / "prefect")
-CI_CONFIG = REPO / "configs" / "ci_small.yaml"
 TEACHER_STAGES = ("describe", "reason", "anchor")
 STORE_STAGES = ("seeds", "describe", "reason", "anchor", "verify", "vas", "filter")
 MODELS = TEST_MODELS
@@ -153,24 +150,6 @@ def quiesce_teacher(server: TeacherServer, responder: HoldingResponder, cache_pa
 
 # --------------------------------------------------------------------------- flow subprocesses
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def flow_env(prefect_home: Path, api_url: str | None = None, extra: dict | None = None) -> dict:
-    """Environment of a flow subprocess: own Prefect home, offline, unbuffered."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
-    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    env.update(extra or {})
-    return env
-
-
 def output_overrides(root: Path) -> list[str]:
     """Every output of a run under ``root`` (store, published folder, card folder)."""
     return [f"run.store_dir={root / 'store'}", f"publish.out_dir={root / 'published'}",
@@ -214,17 +193,6 @@ def kill_9(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02,
@@ -288,14 +256,6 @@ def published_rows(out_dir: Path) -> dict[str, dict]:
             assert row["id"] not in rows, f"id {row['id']} published twice"
             rows[row["id"]] = {**row, "split": split}
     return rows
-
-
-def stage_ids(store: Path, stage: str) -> list[str]:
-    """Every id row of a store stage (results and rejects), duplicates included."""
-    ids: list[str] = []
-    for shard in sorted((store / stage).rglob("part-*.parquet")):
-        ids += pq.read_table(shard, columns=["id"]).column("id").to_pylist()
-    return ids
 
 
 def read_json(path: Path) -> dict:
