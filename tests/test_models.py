@@ -87,7 +87,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_concurrent_first_use_builds_once(tmp_path, monkeypatch):
     calls = []
 
-    def slow_build(out_dir, seed=0):
+    def slow_build(out_dir, seed=0, model_type="qwen2_5_vl"):
         calls.append(out_dir)
         time.sleep(0.3)
         out_dir.mkdir()
@@ -170,11 +170,11 @@ def test_template_renders_like_stock_qwen_template(tiny_processor):
 def test_stock_template_is_swapped_for_generation_markers(tiny_model_dir):
     processor = QwenVLImageOnlyProcessor.from_pretrained(str(tiny_model_dir))
     processor.chat_template = STOCK_QWEN_VL_TEMPLATE
-    from pipeline.vlm.processing import _install_generation_template
-    _install_generation_template(processor)
+    from pipeline.vlm.processing import install_generation_template
+    install_generation_template(processor)
     assert processor.chat_template == chat_template()
     processor.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    _install_generation_template(processor)  # renders differently: left alone
+    install_generation_template(processor)  # renders differently: left alone
     assert "generation" not in processor.chat_template
 
 
@@ -285,7 +285,7 @@ def test_adapter_registry(tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     adapter = adapter_for(model)
     assert adapter is adapter_for(processor) is adapter_for(model.config) is adapter_for("qwen2_5_vl")
-    assert adapter.default_system_prompt == "You are a helpful assistant."
+    assert adapter.template_system_prompt == "You are a helpful assistant."
     via_adapter = adapter.build_inputs(processor, [CONVERSATIONS[0]], [[make_image(0)]])
     direct = build_inputs(processor, [CONVERSATIONS[0]], [[make_image(0)]])
     assert torch.equal(via_adapter["input_ids"], direct["input_ids"])

@@ -262,7 +262,7 @@ def test_pixel_budget_caps_image_tokens(tiny_processor):
     apply_pixel_budget(processor, max_pixels=28 * 28 * 4)
     grid = processor.image_processor(images=[Image.new("RGB", (224, 224))], return_tensors="pt")["image_grid_thw"]
     assert int(grid.prod()) // 4 == 4  # 224x224 would be 64 merged patches without the cap
-    with pytest.raises(ValueError, match="below one merged"):
+    with pytest.raises(ValueError, match="below one image token"):
         apply_pixel_budget(processor, max_pixels=100)
 
 

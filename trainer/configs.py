@@ -14,6 +14,8 @@ from typing import TypeVar
 
 from trl import GRPOConfig, SFTConfig, TrlParser
 
+from pipeline.paper import DEFAULT_SYSTEM_PROMPT
+
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -50,6 +52,11 @@ class ModelDataFields:
     )
     min_pixels: int | None = field(
         default=None, metadata={"help": "Lower pixel bound per image; the processor's default when unset."}
+    )
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        metadata={"help": "System turn written explicitly into every row that has none (AGTO's L_sup and "
+                  "r_visual divide by its attention; every model family gets it the same way)."},
     )
     torch_dtype: str = field(
         default="auto",

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.images import ImageError, image_cell, open_image
 from pipeline.questions import question_text
+from pipeline.vlm.inputs import with_system_prompt
 
 IMAGE_COLUMNS = ("images", "image", "decoded_image")
 QUESTION_COLUMNS = ("problem", "question", "query")
@@ -142,7 +143,7 @@ def normalize_messages(messages: list[dict], n_images: int, rid: str) -> list[di
     return out
 
 
-def _sft_row(row: dict, index: int) -> dict:
+def _sft_row(row: dict, index: int, system_prompt: str | None = None, folded: bool = False) -> dict:
     rid = row_id(row, index)
     images = row_images(row, rid)
     if row.get("messages"):
@@ -155,7 +156,18 @@ def _sft_row(row: dict, index: int) -> dict:
             raise DataError(rid, "response", "missing (and no messages column to train on)")
         user = question_text(row_question(row, rid), row_choices(row), format_hint=True)
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    messages = _with_system(messages, system_prompt, folded, rid)
     return {"id": rid, "images": images, "messages": with_image_placeholders(messages, len(images))}
+
+
+def _with_system(messages: list[dict], system_prompt: str | None, folded: bool, rid: str) -> list[dict]:
+    """The row's messages with an explicit system turn (its own, else ``system_prompt``)."""
+    if system_prompt is None:
+        return messages
+    try:
+        return with_system_prompt(messages, system_prompt, folded=folded)
+    except ValueError as err:
+        raise DataError(rid, "messages[0].content", str(err)) from None
 
 
 def with_image_placeholders(messages: list[dict], n_images: int) -> list[dict]:
@@ -174,14 +186,18 @@ def with_image_placeholders(messages: list[dict], n_images: int) -> list[dict]:
     return out
 
 
-def sft_dataset(table: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
+def sft_dataset(table: datasets.Dataset, num_proc: int | None = None, system_prompt: str | None = None,
+                folded: bool = False) -> datasets.Dataset:
     """``id``, ``images`` and structured ``messages`` per row (validated here, once).
 
-    Arrow gives the content blocks back with null keys; :func:`strip_nulls` (called by the
-    trainers' collators) removes them again.
+    Rows without a system turn get ``system_prompt`` as an explicit one (when given; ``folded``
+    for families whose template folds it into the first user turn, see
+    :func:`pipeline.vlm.inputs.with_system_prompt`). Arrow gives the content blocks back with
+    null keys; :func:`strip_nulls` (called by the trainers' collators) removes them again.
     """
     keep = ["id", "images", "messages"]
     return table.map(_sft_row, with_indices=True, num_proc=num_proc,
+                     fn_kwargs={"system_prompt": system_prompt, "folded": folded},
                      remove_columns=[c for c in table.column_names if c not in keep], desc="sft view")
 
 
@@ -191,7 +207,7 @@ def strip_nulls(messages: list[dict]) -> list[dict]:
             if isinstance(m.get("content"), list) else m for m in messages]
 
 
-def _rl_row(row: dict, index: int) -> dict:
+def _rl_row(row: dict, index: int, system_prompt: str | None = None, folded: bool = False) -> dict:
     rid = row_id(row, index)
     images = row_images(row, rid)
     if row.get("messages"):
@@ -202,19 +218,22 @@ def _rl_row(row: dict, index: int) -> dict:
     answer = row.get("answer")
     if answer is None or str(answer).strip() == "":
         raise DataError(rid, "answer", "missing gold answer (r_acc needs it)")
-    prompt = with_image_placeholders(prompt, len(images))
+    prompt = with_image_placeholders(_with_system(prompt, system_prompt, folded, rid), len(images))
     return {"id": rid, "images": images, "prompt": prompt, "answer": str(answer),
             "answer_type": eval_answer_type(row, row_choices(row)), "choices": row_choices(row)}
 
 
-def rl_dataset(table: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
-    """GRPO prompts: ``prompt`` (conversation without the answer) and the reward columns.
+def rl_dataset(table: datasets.Dataset, num_proc: int | None = None, system_prompt: str | None = None,
+               folded: bool = False) -> datasets.Dataset:
+    """GRPO prompts: ``prompt`` (conversation without the answer, with an explicit system turn
+    as in :func:`sft_dataset`) and the reward columns.
 
     GRPOTrainer has no collator hook, so the Arrow null keys are stripped on access
     (``with_transform``).
     """
     keep = ["id", "images", "prompt", "answer", "answer_type", "choices"]
     mapped = table.map(_rl_row, with_indices=True, num_proc=num_proc,
+                       fn_kwargs={"system_prompt": system_prompt, "folded": folded},
                        remove_columns=[c for c in table.column_names if c not in keep], desc="rl view")
     return mapped.with_transform(_strip_prompt_nulls)
 
@@ -236,9 +255,10 @@ class EvalExample:
     choices: list[str] | None = None
     extra: dict = field(default_factory=dict)
 
-    def messages(self) -> list[dict]:
-        return [{"role": "user", "content": [*({"type": "image"} for _ in self.images),
-                                             {"type": "text", "text": self.prompt}]}]
+    def messages(self, system_prompt: str | None = None, folded: bool = False) -> list[dict]:
+        turns = [{"role": "user", "content": [*({"type": "image"} for _ in self.images),
+                                              {"type": "text", "text": self.prompt}]}]
+        return with_system_prompt(turns, system_prompt, folded=folded) if system_prompt else turns
 
 
 def _user_text(messages: list[dict]) -> str:

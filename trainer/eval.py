@@ -41,7 +41,8 @@ from pipeline.response_format import extract_answer, format_ok
 from pipeline.vas import ScoreError, VASItem
 from pipeline.vas.scoring import model_vas
 from pipeline.verify import answers_match
-from pipeline.vlm import build_inputs, compute_spans, load_model_and_processor
+from pipeline.vlm import SpecialTokens, adapter_for, build_inputs, compute_spans, load_model_and_processor
+from pipeline.vlm.inputs import image_token_pixels
 from trainer.data import EvalExample, eval_examples, load_table
 from trainer.models import resolve_dtype
 
@@ -61,6 +62,9 @@ class EvalConfig:
     format_hint: bool = field(default=True, metadata={
         "help": "Ask for <think>/<answer> output in prompts built from question columns (AVAR rows carry "
                 "their own prompt)."})
+    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={
+        "help": "System turn written explicitly into every prompt (generation and VAS alike; recorded "
+                "in the report)."})
     vas_layers: list[int] | None = field(default=None, metadata={
         "help": "Decoder layers VAS averages over (negative from the end); all when unset (paper)."})
     skip_accuracy: bool = field(default=False, metadata={"help": "Only compute VAS (no generation)."})
@@ -104,10 +108,11 @@ def generate(model, processor, examples: list[EvalExample], config: EvalConfig,
              intervention: InterventionConfig | None = None) -> list[str]:
     device = next(model.parameters()).device
     texts: list[str] = []
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = SpecialTokens.from_tokenizer(processor).im_end  # the turn end of the model's chat format
+    folded = adapter_for(processor).chat_format.folded_system
     for start in tqdm(range(0, len(examples), config.batch_size), desc="generate", unit="batch"):
         chunk = examples[start:start + config.batch_size]
-        batch = build_inputs(processor, [e.messages() for e in chunk], [e.images for e in chunk],
+        batch = build_inputs(processor, [e.messages(config.system_prompt, folded) for e in chunk], [e.images for e in chunk],
                              add_generation_prompt=True, padding_side="left", max_pixels=config.max_pixels)
         batch = batch.to(device)
         scaled = contextlib.nullcontext()
@@ -137,14 +142,17 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     model, processor = load_model_and_processor(config.model, dtype=resolve_dtype(dtype))
     model = model.to(device).eval()
     source = "given"
-    if config.max_pixels is None:
+    if image_token_pixels(processor) is None:  # fixed tokens per image: no budget applies
+        config, source = replace(config, max_pixels=None), "fixed image tokens"
+    elif config.max_pixels is None:
         config = replace(config, max_pixels=checkpoint_max_pixels(processor) or 262144)
         source = "checkpoint processor"
     table = load_table(config.data, split=config.split, config=config.data_config, max_samples=config.max_samples)
     examples = eval_examples(table, format_hint=config.format_hint)
     report: dict[str, Any] = {"model": config.model, "data": config.data, "split": config.split,
                               "n": len(examples), "max_pixels": config.max_pixels, "max_pixels_from": source,
-                              "system_prompt": DEFAULT_SYSTEM_PROMPT, "config": asdict(config)}
+                              "system_prompt": config.system_prompt, "model_family": adapter_for(processor).family,
+                              "config": asdict(config)}
     report.update(_run(model, processor, examples, config, None))
     if config.intervention:
         setting = InterventionConfig(a_img=config.a_img, a_sys=config.a_sys, layers=config.intervention_layers)
@@ -168,7 +176,8 @@ def _run(model, processor, examples: list[EvalExample], config: EvalConfig,
     if not config.skip_vas:
         items = [VASItem(key=e.id, images=e.images, question=e.prompt) for e in examples]
         vas = model_vas(model, processor, items, layers=config.vas_layers, batch_size=config.batch_size,
-                        max_pixels=config.max_pixels, model_name=config.model, intervention=intervention)
+                        max_pixels=config.max_pixels, model_name=config.model, intervention=intervention,
+                        system_prompt=config.system_prompt)
         out["vas"] = {"raw": vas.raw, "normalized": vas.normalized, "n_scored": vas.n_scored,
                       "n_skipped": vas.n_skipped, **vas.companions()}
         for example, score in zip(examples, vas.per_sample, strict=True):

@@ -1,8 +1,9 @@
 """Model loading for the trainers: checkpoint + processor (via :mod:`pipeline.vlm`), image
 budget, frozen vision tower, LoRA adapters.
 
-``model_name_or_path: tiny`` names the random-weight test model of :mod:`pipeline.vlm.tiny`
-(built offline on first use), so the tiny configs run anywhere.
+``model_name_or_path: tiny`` (or ``tiny-qwen3-vl``, ``tiny-qwen3-vl-moe``, ``tiny-gemma3``) names
+a random-weight test model of :mod:`pipeline.vlm.tiny` (built offline on first use), so the tiny
+configs run anywhere.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 
 import torch
 
-from pipeline.vlm import TINY_ALIAS, load_model_and_processor, resolve_model_name
+from pipeline.vlm import TINY_ALIAS, adapter_for, load_model_and_processor, resolve_model_name
+from pipeline.vlm.inputs import check_max_pixels, image_token_pixels
+from pipeline.vlm.tiny import TINY_ALIASES
 
 logger = logging.getLogger(__name__)
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -32,14 +35,19 @@ def apply_pixel_budget(processor: Any, max_pixels: int | None, min_pixels: int |
 
     Qwen-VL image processors read the pixel bounds from ``size`` (``longest_edge`` is the maximum
     area, ``shortest_edge`` the minimum), and TRL's collator calls the processor without kwargs.
+    Processors that give every image a fixed number of tokens (Gemma 3) have no pixel budget:
+    it is left as the checkpoint has it.
     """
     if max_pixels is None and min_pixels is None:
+        return
+    if image_token_pixels(processor) is None:
+        logger.info("%s: fixed image tokens per image; max_pixels/min_pixels do not apply",
+                    type(processor).__name__)
         return
     image_processor = processor.image_processor
     size = dict(image_processor.size)
     if max_pixels is not None:
-        if max_pixels < 28 * 28:
-            raise ValueError(f"max_pixels={max_pixels} is below one merged 28x28 patch")
+        check_max_pixels(processor, max_pixels)
         size["longest_edge"] = int(max_pixels)
     if min_pixels is not None:
         size["shortest_edge"] = int(min_pixels)
@@ -51,10 +59,13 @@ def apply_pixel_budget(processor: Any, max_pixels: int | None, min_pixels: int |
 
 
 def freeze_vision_tower(model: torch.nn.Module) -> int:
-    """Freeze the vision encoder except its merger (projector into the LLM); returns #frozen tensors."""
+    """Freeze the vision encoder except its projections into the language model (the merger, and
+    Qwen3-VL's DeepStack mergers; Gemma 3's projector sits outside the tower); returns #frozen
+    tensors."""
+    adapter = adapter_for(model)
     frozen = 0
     for name, param in model.named_parameters():
-        if ".visual." in f".{name}" and ".merger." not in name:
+        if adapter.is_vision_encoder(name):
             param.requires_grad_(False)
             frozen += 1
     if not frozen:
@@ -62,13 +73,15 @@ def freeze_vision_tower(model: torch.nn.Module) -> int:
     return frozen
 
 
-def lora_config(config: Any):
+def lora_config(config: Any, model: torch.nn.Module | None = None):
     """LoRA on the language model's projections only (the vision tower's MLP shares the names)."""
     from peft import LoraConfig
 
+    vision = ("visual", "vision_tower") if model is None else adapter_for(model).vision_parts
     names = "|".join(re.escape(m) for m in config.lora_target_modules)
+    towers = "|".join(re.escape(v) for v in vision)
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=rf"^(?!.*\bvisual\b).*\.({names})$", task_type="CAUSAL_LM")
+                      target_modules=rf"^(?!.*\b({towers})\b).*\.({names})$", task_type="CAUSAL_LM")
 
 
 def load_for_training(config: Any) -> tuple[torch.nn.Module, Any, Any]:
@@ -76,13 +89,14 @@ def load_for_training(config: Any) -> tuple[torch.nn.Module, Any, Any]:
     path = resolve_model_name(config.model_name_or_path)
     if not Path(path).exists() and "/" not in path:
         raise FileNotFoundError(f"model_name_or_path={config.model_name_or_path!r}: no such folder "
-                                f"(and not a Hub id); use {TINY_ALIAS!r} for the tiny test model")
+                                f"(and not a Hub id); tiny test models: {sorted(TINY_ALIASES)} "
+                                f"({TINY_ALIAS!r} is a Qwen2.5-VL)")
     model, processor = load_model_and_processor(
         path, dtype=resolve_dtype(config.torch_dtype), attn_implementation=config.attn_implementation or "sdpa")
     apply_pixel_budget(processor, config.max_pixels, config.min_pixels)
     if config.freeze_vision_tower:
         logger.info("froze %d vision-tower tensors", freeze_vision_tower(model))
-    return model, processor, lora_config(config) if config.use_peft else None
+    return model, processor, lora_config(config, model) if config.use_peft else None
 
 
 def fit_and_save(trainer: Any, resume_from_checkpoint: Any) -> Any:

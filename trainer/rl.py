@@ -28,7 +28,7 @@ from pipeline.lens.budget import BUDGET_NAMES, attention_budget, budget_key_mask
 from pipeline.lens.objectives import visual_reward
 from pipeline.response_format import extract_answer, format_ok
 from pipeline.verify import answers_match
-from pipeline.vlm import build_inputs
+from pipeline.vlm import adapter_for, build_inputs
 from pipeline.vlm.spans import SpecialTokens, compute_spans
 from trainer.configs import VARSConfig, parse_config
 from trainer.data import load_table, rl_dataset, strip_nulls
@@ -156,9 +156,9 @@ class VisualReward:
         inputs = dict(batch)
         inputs["input_ids"] = torch.cat([batch["input_ids"], completion], dim=1)
         inputs["attention_mask"] = torch.cat([batch["attention_mask"], completion_mask], dim=1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat(
-                [batch["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+        for key in ("mm_token_type_ids", "token_type_ids"):  # Qwen3-VL's / Gemma 3's image marks
+            if key in inputs:
+                inputs[key] = torch.cat([batch[key], torch.zeros_like(completion)], dim=1)
         device = next(model.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         spans = compute_spans(inputs["input_ids"], inputs["attention_mask"], self.special).to(device)
@@ -215,7 +215,9 @@ def build_trainer(config: VARSConfig, reward_factory: RewardFactory = make_rewar
     if len(rewards) != len(config.reward_weights or REWARD_NAMES):
         raise ValueError(f"{len(rewards)} reward functions for reward_weights={config.reward_weights}")
     _suppress_non_text_tokens(config, processor)
-    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=rl_dataset(table),
+    train = rl_dataset(table, system_prompt=config.system_prompt,
+                       folded=adapter_for(model).chat_format.folded_system)
+    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=train,
                           processing_class=processor, peft_config=peft_config, callbacks=callbacks)
     for reward in rewards:
         inner = getattr(reward, "inner", reward)  # wrappers (e.g. recorders) expose what they wrap

@@ -24,6 +24,7 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from pipeline.lens import AttentionLens
 from pipeline.lens.budget import BUDGET_NAMES, attention_budget, budget_key_masks, ratio_of_means
 from pipeline.lens.objectives import agto_applies, agto_terms, vas_ratio
+from pipeline.vlm import adapter_for
 from pipeline.vlm.spans import SpecialTokens, compute_spans
 from trainer.configs import AGTOConfig, parse_config
 from trainer.data import load_table, sft_dataset, strip_nulls
@@ -117,10 +118,12 @@ def build_trainer(config: AGTOConfig, callbacks: list | None = None) -> AGTOTrai
     model, processor, peft_config = load_for_training(config)
     table = load_table(config.dataset, split=config.dataset_split, config=config.dataset_config,
                        max_samples=config.max_train_samples)
-    train = sft_dataset(table)
+    folded = adapter_for(model).chat_format.folded_system
+    train = sft_dataset(table, system_prompt=config.system_prompt, folded=folded)
     evaluation = None
     if config.eval_split:
-        evaluation = sft_dataset(load_table(config.dataset, split=config.eval_split, config=config.dataset_config))
+        evaluation = sft_dataset(load_table(config.dataset, split=config.eval_split, config=config.dataset_config),
+                                 system_prompt=config.system_prompt, folded=folded)
     collator = AVARVisionCollator(processor=processor, max_length=config.max_length,
                                   pad_to_multiple_of=config.pad_to_multiple_of,
                                   assistant_only_loss=config.assistant_only_loss)

@@ -5,8 +5,9 @@
 * **model-level VAS** (the paper's): queries ``U``, prefill only, averaged over a probe set.
 
 Both report the raw score and the size-normalised one (raw divided by ``|I| / |S|``), the token
-counts, the layers and ``max_pixels`` (keep it fixed within a dataset: raw VAS grows with the
-number of image tokens). Samples are scored in batches sorted by length (padding changes no
+counts, the layers, ``max_pixels`` (keep it fixed within a dataset: raw VAS grows with the
+number of image tokens) and the ``system_prompt`` written into every chat (explicitly, for every
+model family: the S of the ratio). Samples are scored in batches sorted by length (padding changes no
 score: the lens is exact per row). Samples that cannot be scored are never dropped:
 
 =========================  ==================================================================
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.images import ImageError, pil_images
-from pipeline.paper import EPS
+from pipeline.paper import DEFAULT_SYSTEM_PROMPT, EPS
 
 DEFAULT_EPS = EPS
 
@@ -40,8 +41,13 @@ class VASConfig:
     """How response VAS is computed (SPEC "VAS"; stage ``vas`` of the synthesis run)."""
 
     model: str = field(default="Qwen/Qwen2.5-VL-7B-Instruct", metadata={
-        "help": "Reference model (hub id or local folder); 'tiny' = the built-in random tiny Qwen2.5-VL "
-                "(tests and demo only: its scores mean nothing)."})
+        "help": "Reference model (hub id or local folder) of a supported family (Qwen2-VL, Qwen2.5-VL, "
+                "Qwen3-VL dense or MoE, Gemma 3); 'tiny' (or 'tiny-qwen3-vl', 'tiny-qwen3-vl-moe', "
+                "'tiny-gemma3') = a built-in random tiny model (tests and demo only: its scores mean nothing)."})
+    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={
+        "help": "System turn written explicitly into every scored chat (VAS divides by its attention "
+                "mass; families whose template has no default system turn get it the same way). "
+                "Recorded in every VAS row; keep it fixed to compare scores."})
     queries: Literal["user", "response"] = field(default="response", metadata={
         "help": "Query tokens: 'response' = the synthesized answer (per-sample filter score), "
                 "'user' = the question (the paper's model-level VAS, prefill only)."})
@@ -62,8 +68,10 @@ class VASConfig:
             raise ValueError(f"vas.queries: expected 'user' or 'response', got {self.queries!r}")
         if self.batch_size < 1:
             raise ValueError(f"vas.batch_size: must be >= 1, got {self.batch_size}")
-        if self.max_pixels is not None and self.max_pixels < 28 * 28:
-            raise ValueError(f"vas.max_pixels: must be >= 784 (one 28x28 patch group) or null, got {self.max_pixels}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"vas.max_pixels: must be a positive number of pixels or null, got {self.max_pixels}")
+        if not isinstance(self.system_prompt, str) or not self.system_prompt.strip():
+            raise ValueError(f"vas.system_prompt: must be a non-empty string, got {self.system_prompt!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"vas.dtype: expected auto|bfloat16|float16|float32, got {self.dtype!r}")
 

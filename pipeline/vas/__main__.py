@@ -14,6 +14,7 @@ from pipeline.atomic import atomic_file
 from pipeline.executor import batched
 from pipeline.images import image_cells
 from pipeline.lens.budget import BUDGET_NAMES
+from pipeline.paper import DEFAULT_SYSTEM_PROMPT
 from pipeline.records import Reject
 from pipeline.vas import VASConfig
 from pipeline.vas.stage import VASStage
@@ -68,18 +69,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     import polars as pl
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.vas", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="hub id, local folder, or 'tiny'")
+    parser.add_argument("--model", required=True,
+                        help="hub id or local folder of a supported family, or a tiny alias: "
+                             "tiny, tiny-qwen3-vl, tiny-qwen3-vl-moe, tiny-gemma3")
     parser.add_argument("--data", required=True, help="work-store stage folder, saved HF dataset, parquet/jsonl")
     parser.add_argument("--out", required=True, help="scores as .parquet or .jsonl (jsonl resumes: done ids skipped)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="decoder layers (default all)")
     parser.add_argument("--queries", choices=["user", "response"], default="response")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-pixels", type=int, default=262144)
+    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                        help="system turn written into every scored chat (recorded in each row)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
     config = VASConfig(model=args.model, queries=args.queries, layers=args.layers, batch_size=args.batch_size,
-                       max_pixels=args.max_pixels, device=args.device, dtype=args.dtype)
+                       max_pixels=args.max_pixels, device=args.device, dtype=args.dtype,
+                       system_prompt=args.system_prompt)
     out = Path(args.out)
     if out.suffix not in (".parquet", ".jsonl"):
         parser.error(f"--out must end in .parquet or .jsonl, got {out.name}")

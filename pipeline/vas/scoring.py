@@ -18,8 +18,10 @@ from pipeline.lens.budget import (
     ratio_of_means,
 )
 from pipeline.lens.objectives import size_normalized_vas, vas_ratio
+from pipeline.paper import DEFAULT_SYSTEM_PROMPT
 from pipeline.vas import DEFAULT_EPS, ScoreError, VASConfig, VASItem
-from pipeline.vlm import build_inputs, compute_spans, load_model_and_processor
+from pipeline.vlm import adapter_for, build_inputs, compute_spans, load_model_and_processor
+from pipeline.vlm.inputs import check_max_pixels, image_token_pixels, with_system_prompt
 from pipeline.vlm.loading import has_random_weights
 
 
@@ -34,19 +36,22 @@ def load_scoring_model(config: VASConfig):
 
 
 
-def _conversation(item: VASItem, queries: str) -> list[dict]:
+def _conversation(item: VASItem, queries: str, system_prompt: str, folded: bool) -> list[dict]:
     content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": item.question}]
     turns = [{"role": "user", "content": content}]
     if queries == "response":
         turns.append({"role": "assistant", "content": item.response})
-    return turns
+    return with_system_prompt(turns, system_prompt, folded=folded)
 
 
-def _length_estimate(item: VASItem, max_pixels: int | None) -> int:
-    """Sort key: characters plus image tokens (an image token covers 28x28 pixels)."""
+def _length_estimate(item: VASItem, max_pixels: int | None, token_pixels: int | None) -> int:
+    """Sort key: characters plus image tokens (one per ``token_pixels`` pixels; a fixed 256 per
+    image for processors that do not size by area)."""
     text = len(item.question) + len(item.response or "")
+    if token_pixels is None:
+        return text // 3 + 256 * len(item.images)
     pixels = sum(min(im.width * im.height, max_pixels or im.width * im.height) for im in item.images)
-    return text // 3 + pixels // (28 * 28)
+    return text // 3 + pixels // token_pixels
 
 
 def score_items(model, processor, items: Sequence[VASItem], config: VASConfig,
@@ -57,14 +62,19 @@ def score_items(model, processor, items: Sequence[VASItem], config: VASConfig,
     attention under the training-free intervention instead of the model's own."""
     lens = AttentionLens(model, layers=config.layers)
     device = next(model.parameters()).device
+    folded = adapter_for(processor).chat_format.folded_system
+    if config.max_pixels is not None:
+        check_max_pixels(processor, config.max_pixels)
+    token_pixels = image_token_pixels(processor)
     results: list[dict | ScoreError | None] = [None] * len(items)
-    order = sorted(range(len(items)), key=lambda i: -_length_estimate(items[i], config.max_pixels))
+    order = sorted(range(len(items)), key=lambda i: -_length_estimate(items[i], config.max_pixels, token_pixels))
     batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     base = {"model": model_name or config.model, "queries": config.queries, "max_pixels": config.max_pixels,
-            "layers": list(lens.layers), "random_weights": has_random_weights(config.model)}
+            "layers": list(lens.layers), "random_weights": has_random_weights(config.model),
+            "system_prompt": config.system_prompt}
     bar = tqdm(total=len(items), desc=f"VAS ({config.queries})", unit="sample", disable=not config.progress)
     for batch in batches:
-        conversations = [_conversation(items[i], config.queries) for i in batch]
+        conversations = [_conversation(items[i], config.queries, config.system_prompt, folded) for i in batch]
         inputs = build_inputs(processor, conversations, [items[i].images for i in batch],
                               padding_side="right", max_pixels=config.max_pixels)
         spans = compute_spans(inputs["input_ids"], inputs["attention_mask"], processor)
@@ -128,11 +138,13 @@ class ModelVAS:
 
 def model_vas(model, processor, items: Iterable[VASItem], layers: Sequence[int] | None = None,
               batch_size: int = 4, max_pixels: int | None = 262144, eps: float = DEFAULT_EPS,
-              model_name: str = "model", progress: bool = True, intervention=None) -> ModelVAS:
+              model_name: str = "model", progress: bool = True, intervention=None,
+              system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> ModelVAS:
     """The paper's VAS of ``model``: queries ``U``, prefill only, mean over layers, heads, tokens
     and the probe set (samples that cannot be scored are counted in ``n_skipped``)."""
     config = VASConfig(model=model_name, queries="user", layers=list(layers) if layers is not None else None,
-                       batch_size=batch_size, max_pixels=max_pixels, eps=eps, progress=progress)
+                       batch_size=batch_size, max_pixels=max_pixels, eps=eps, progress=progress,
+                       system_prompt=system_prompt)
     scores = score_items(model, processor, list(items), config, model_name=model_name, intervention=intervention)
     good = [s for s in scores if not isinstance(s, ScoreError)]
     mean = (lambda key: sum(s[key] for s in good) / len(good)) if good else (lambda key: float("nan"))

@@ -11,13 +11,19 @@
 
 from pipeline.vlm.adapters import ADAPTERS, VLMAdapter, adapter_for
 from pipeline.vlm.inputs import build_inputs
-from pipeline.vlm.loading import TINY_ALIAS, load_model_and_processor, resolve_model_name
-from pipeline.vlm.processing import QwenVLImageOnlyProcessor, chat_template, load_processor
-from pipeline.vlm.spans import Spans, SpecialTokens, compute_spans
+from pipeline.vlm.loading import (
+    TINY_ALIAS,
+    load_model_and_processor,
+    load_processor,
+    resolve_model_name,
+)
+from pipeline.vlm.processing import QwenVLImageOnlyProcessor, chat_template
+from pipeline.vlm.spans import ChatFormat, Spans, SpecialTokens, compute_spans
 from pipeline.vlm.tiny import build_tiny_model, tiny_model_path
 
 __all__ = [
            "ADAPTERS",
+           "ChatFormat",
            "TINY_ALIAS",
            "QwenVLImageOnlyProcessor",
            "Spans",

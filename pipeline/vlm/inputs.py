@@ -46,14 +46,59 @@ def build_inputs(processor: ProcessorMixin, conversations: list[list[dict]],
              for c in conversations]
     flat = [_as_rgb(img, i) for i, sample_images in enumerate(images) for img in sample_images]
     kwargs: dict[str, Any] = {}
-    if max_pixels is not None:
+    if max_pixels is not None and image_token_pixels(processor) is not None:
+        check_max_pixels(processor, max_pixels)
         current = processor.image_processor.size
         shortest = (current.get("shortest_edge") if isinstance(current, dict)
                     else getattr(current, "shortest_edge", None)) or 0
         size = {"shortest_edge": min(shortest, max_pixels), "longest_edge": max_pixels}
         kwargs["images_kwargs"] = {"size": size}
+    # the template already wrote BOS where the family has one (Gemma); the tokenizer must not again
+    if flat and image_token_pixels(processor) is None:  # Gemma 3 counts images per sample
+        flat = [[_as_rgb(img, i) for img in sample_images] for i, sample_images in enumerate(images)]
     return processor(text=texts, images=flat or None, padding=True, padding_side=padding_side,
-                     return_tensors="pt", **kwargs)
+                     return_tensors="pt", add_special_tokens=False, **kwargs)
+
+
+def image_token_pixels(processor: ProcessorMixin) -> int | None:
+    """Pixels one image token covers, for processors that size images by area (Qwen-VL:
+    ``(patch_size * merge_size) ** 2``, 784 for Qwen2.5-VL, 1024 for Qwen3-VL); None where each
+    image becomes a fixed number of tokens whatever its size (Gemma 3), so a pixel budget does
+    not apply."""
+    image_processor = getattr(processor, "image_processor", None)
+    patch, merge = (getattr(image_processor, name, None) for name in ("patch_size", "merge_size"))
+    if isinstance(patch, int) and isinstance(merge, int):
+        return (patch * merge) ** 2
+    return None
+
+
+def check_max_pixels(processor: ProcessorMixin, max_pixels: int) -> None:
+    """Refuse a budget below one image token of this processor."""
+    per_token = image_token_pixels(processor)
+    if per_token is not None and max_pixels < per_token:
+        side = round(per_token ** 0.5)
+        raise ValueError(f"max_pixels={max_pixels} is below one image token ({side}x{side} = "
+                         f"{per_token} pixels for this processor)")
+
+
+def with_system_prompt(conversation: list[dict], system_prompt: str, folded: bool = False) -> list[dict]:
+    """``conversation`` with an explicit system turn: unchanged when it has one, else with
+    ``system_prompt`` prepended (SPEC: VAS divides by the system span, so every sample must have
+    one; families whose template writes none by default get it here, the same in the VAS stage,
+    the trainers and eval). ``folded`` families (Gemma 3) mark the end of the prompt with a blank
+    line, so a prompt holding one is refused."""
+    if not isinstance(system_prompt, str) or not system_prompt.strip():
+        raise ValueError(f"system_prompt must be a non-empty string, got {system_prompt!r}")
+    has_system = bool(conversation) and conversation[0].get("role") == "system"
+    if folded:
+        text = conversation[0]["content"] if has_system else system_prompt
+        text = text if isinstance(text, str) else " ".join(p.get("text", "") for p in text)
+        if "\n\n" in text:
+            raise ValueError("the system prompt holds a blank line; this family's template folds the "
+                             "prompt into the first user turn and ends it at the first blank line")
+    if has_system:
+        return conversation
+    return [{"role": "system", "content": system_prompt}, *conversation]
 
 
 def _as_rgb(image: Image.Image | bytes, index: int) -> Image.Image:

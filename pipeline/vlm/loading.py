@@ -9,37 +9,45 @@ import torch
 from transformers import AutoConfig
 from transformers.processing_utils import ProcessorMixin
 
-from pipeline.vlm.adapters import adapter_for
-from pipeline.vlm.processing import load_processor
+from pipeline.vlm.adapters import _PROCESSOR_TYPES, adapter_for
+from pipeline.vlm import processing
+from pipeline.vlm.processing import (
+    QwenVLImageOnlyProcessor,
+    install_generation_template,
+    saved_processor_class,
+)
+from pipeline.vlm.spans import QWEN_CHAT
 
 TINY_ALIAS = "tiny"
-"""Model name of the random-weight test model (:mod:`pipeline.vlm.tiny`), built on first use."""
+"""Model name of the default random-weight test model (a tiny Qwen2.5-VL, :mod:`pipeline.vlm.tiny`),
+built on first use; ``tiny-qwen3-vl``, ``tiny-qwen3-vl-moe`` and ``tiny-gemma3`` name the others."""
 
 
 def resolve_model_name(name_or_path: str | Path) -> str:
-    """``tiny`` -> the built tiny model's folder; anything else unchanged (the one place the
-    alias is resolved)."""
-    if str(name_or_path) == TINY_ALIAS:
+    """A tiny alias (``tiny``, ``tiny-qwen3-vl``, ...) -> the built tiny model's folder; anything
+    else unchanged (the one place the aliases are resolved)."""
+    from pipeline.vlm.tiny import TINY_ALIASES
+    if str(name_or_path) in TINY_ALIASES:
         from pipeline.vlm.tiny import tiny_model_path
-        return str(tiny_model_path())
+        return str(tiny_model_path(model_type=TINY_ALIASES[str(name_or_path)]))
     return str(name_or_path)
 
 
 def has_random_weights(name_or_path: str | Path) -> bool:
-    """Whether ``name_or_path`` is one of the project's random-weight builds (the ``tiny`` alias
-    or a folder written by :mod:`pipeline.vlm.tiny`): scores on it exercise the code and carry
-    no signal about grounding. A checkpoint trained from it is saved elsewhere, without the
+    """Whether ``name_or_path`` is one of the project's random-weight builds (a tiny alias or a
+    folder written by :mod:`pipeline.vlm.tiny`): scores on it exercise the code and carry no
+    signal about grounding. A checkpoint trained from it is saved elsewhere, without the
     builder's marker file, and counts as trained."""
-    if str(name_or_path) == TINY_ALIAS:
+    from pipeline.vlm.tiny import DONE_MARKER, TINY_ALIASES
+    if str(name_or_path) in TINY_ALIASES:
         return True
-    from pipeline.vlm.tiny import DONE_MARKER
     return (Path(name_or_path) / DONE_MARKER).is_file()
 
 
 def load_model_and_processor(name_or_path: str | Path, dtype: str | torch.dtype = "auto",
                              attn_implementation: str = "sdpa", device_map: Any = None,
                              **model_kwargs: Any) -> tuple[torch.nn.Module, ProcessorMixin]:
-    """Model and processor of a Qwen2.5-VL / Qwen2-VL checkpoint (hub id or local folder).
+    """Model and processor of a checkpoint of a supported family (hub id or local folder).
 
     ``attn_implementation="eager"`` is needed wherever attention probabilities are read.
     """
@@ -51,3 +59,39 @@ def load_model_and_processor(name_or_path: str | Path, dtype: str | torch.dtype 
         device_map=device_map, **model_kwargs)
     return model, load_processor(name_or_path)
 
+
+
+def load_processor(name_or_path: str | Path, **kwargs: Any) -> ProcessorMixin:
+    """The processor of a checkpoint, with its family's chat template (generation markers).
+
+    Qwen folders saved with :class:`QwenVLImageOnlyProcessor` (the tiny models) and any Qwen
+    checkpoint on a machine without torchvision load with that class; everything else with the
+    stock ``AutoProcessor``. The processor remembers its ``model_type`` (``avar_model_type``),
+    so :func:`~pipeline.vlm.adapters.adapter_for` finds the family from it alone.
+    """
+    model_type = _model_type(name_or_path)
+    adapter = adapter_for(model_type)
+    saved_class = saved_processor_class(name_or_path)
+    if adapter.chat_format is QWEN_CHAT and (saved_class == QwenVLImageOnlyProcessor.__name__
+                                             or not processing.torchvision_available()):
+        processor = QwenVLImageOnlyProcessor.from_pretrained(str(name_or_path), **kwargs)
+    else:
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained(str(name_or_path), **kwargs)
+    processor.avar_model_type = model_type
+    install_generation_template(processor, adapter.chat_template())
+    return processor
+
+
+def _model_type(name_or_path: str | Path) -> str:
+    """``model_type`` from the checkpoint's config; a processor-only folder falls back to its
+    saved processor class (the project's own class meaning Qwen2.5-VL)."""
+    try:
+        return AutoConfig.from_pretrained(str(name_or_path)).model_type
+    except (OSError, ValueError):
+        saved = saved_processor_class(name_or_path)
+        if saved == QwenVLImageOnlyProcessor.__name__:
+            return "qwen2_5_vl"
+        if saved in _PROCESSOR_TYPES:
+            return _PROCESSOR_TYPES[saved]
+        raise

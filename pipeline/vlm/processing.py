@@ -1,12 +1,14 @@
 """Processors of Qwen-VL checkpoints, with a chat template that marks the trained tokens.
 
-Processors come from the stock ``AutoProcessor`` when torchvision is installed; without it (the
-stock Qwen-VL processor insists on a torchvision video processor) an image-only
+Qwen processors come from the stock ``AutoProcessor`` when torchvision is installed; without it
+(the stock Qwen-VL processors insist on a torchvision video processor) an image-only
 :class:`QwenVLImageOnlyProcessor` is used, built on transformers' PIL/numpy
-``Qwen2VLImageProcessorPil``. Both give the same token ids and image-token counts; pixel values
-agree up to the resize interpolation of PIL versus torchvision. :func:`load_processor` also
-installs our copy of the chat template, which adds the ``{% generation %}`` markers TRL's
-assistant-only loss needs, where it renders exactly like the checkpoint's own.
+``Qwen2VLImageProcessorPil``; it serves Qwen2-VL, Qwen2.5-VL and Qwen3-VL alike. Both give the
+same token ids and image-token counts; pixel values agree up to the resize interpolation of PIL
+versus torchvision. :func:`pipeline.vlm.loading.load_processor` also installs the family's copy
+of the chat template (:func:`install_generation_template`), which adds the
+``{% generation %}`` markers TRL's assistant-only loss needs, where it renders exactly like the
+checkpoint's own.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import importlib.util
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
@@ -34,7 +35,7 @@ def torchvision_available() -> bool:
 
 
 class QwenVLImageOnlyProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor for images only: image processor + tokenizer + chat template.
+    """Qwen-VL processor for images only: image processor + tokenizer + chat template.
 
     The stock processor requires a video processor, and every transformers video processor
     needs torchvision. This subclass drops the video part and keeps the rest of the stock
@@ -59,34 +60,18 @@ class QwenVLImageOnlyProcessor(Qwen2_5_VLProcessor):
 
 
 
-def load_processor(name_or_path: str | Path, **kwargs: Any) -> ProcessorMixin:
-    """The processor of a checkpoint, with a chat template that has generation markers.
-
-    Folders saved with :class:`QwenVLImageOnlyProcessor` (the tiny model) and any checkpoint
-    on a machine without torchvision load with that class; otherwise the stock AutoProcessor.
-    """
-    saved_class = _saved_processor_class(name_or_path)
-    if saved_class == QwenVLImageOnlyProcessor.__name__ or not torchvision_available():
-        processor = QwenVLImageOnlyProcessor.from_pretrained(str(name_or_path), **kwargs)
-    else:
-        from transformers import AutoProcessor
-        processor = AutoProcessor.from_pretrained(str(name_or_path), **kwargs)
-    _install_generation_template(processor)
-    return processor
-
-
-
-def _saved_processor_class(name_or_path: str | Path) -> str | None:
+def saved_processor_class(name_or_path: str | Path) -> str | None:
     path = Path(name_or_path) / "processor_config.json"
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get("processor_class")
 
 
-def _install_generation_template(processor: ProcessorMixin) -> None:
-    """Swap in our template when it renders the processor's own identically (but adds the
-    ``{% generation %}`` markers TRL's assistant-only loss needs); otherwise leave it."""
-    ours = chat_template()
+def install_generation_template(processor: ProcessorMixin, ours: str | None = None) -> None:
+    """Swap in ``ours`` (default: the Qwen2-VL template) when it renders the processor's own
+    identically but adds the ``{% generation %}`` markers TRL's assistant-only loss needs;
+    otherwise leave the processor's template alone."""
+    ours = ours or chat_template()
     current = processor.chat_template
     if current == ours or not isinstance(current, str) or "{% generation %}" in current:
         return

@@ -1,9 +1,12 @@
-"""A tiny random-weight Qwen2.5-VL (or Qwen2-VL), built offline in a few seconds.
+"""Tiny random-weight VLMs of every supported family, built offline in a few seconds.
 
-It has the real architecture (vision tower with window attention, patch merger, GQA text
-model with M-RoPE), a byte-level BPE tokenizer trained here on a small embedded corpus with the
-Qwen-VL special tokens, and the Qwen-VL chat template - so token ids, spans, image-token counts
-and attention shapes behave exactly as with the 7B model, only smaller and meaningless.
+The default (``tiny``) is a Qwen2.5-VL: the real architecture (vision tower with window
+attention, patch merger, GQA text model with M-RoPE), a byte-level BPE tokenizer trained here on
+a small embedded corpus with the Qwen-VL special tokens, and the Qwen-VL chat template - so
+token ids, spans, image-token counts and attention shapes behave exactly as with the 7B model,
+only smaller and meaningless. ``tiny-qwen3-vl``, ``tiny-qwen3-vl-moe`` and ``tiny-gemma3`` are
+the same for the other families (:mod:`pipeline.vlm.tiny_families`); :data:`TINY_ALIASES` names
+them all.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from filelock import FileLock
 
 TINY_VERSION = "v3"  # bump when the build changes: a new folder name forces a rebuild
 DONE_MARKER = "avar_tiny_model.json"
+TINY_ALIASES = {"tiny": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl",
+                "tiny-qwen3-vl-moe": "qwen3_vl_moe", "tiny-gemma3": "gemma3"}
+"""Model names of the tiny random-weight models -> their ``model_type``."""
 
 # The Qwen2.5-VL special tokens, in the stock order (ids follow the trained vocabulary).
 QWEN_VL_SPECIAL_TOKENS = (
@@ -64,15 +70,18 @@ system user assistant
 """
 
 
-def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
-    """The default tiny model folder, built on first use and reused afterwards.
+def tiny_model_path(cache_dir: str | Path | None = None, model_type: str = "qwen2_5_vl") -> Path:
+    """The tiny model folder of a family, built on first use and reused afterwards.
 
     ``cache_dir`` defaults to ``$AVAR_CACHE`` or ``~/.cache/avar``. The build happens in a
     temporary folder renamed into place, under a file lock, so concurrent processes neither
     both build nor ever see a half-written model.
     """
+    if model_type not in TINY_ALIASES.values():
+        raise ValueError(f"no tiny model for model_type {model_type!r}; tiny models: {sorted(TINY_ALIASES.values())}")
     root = Path(cache_dir or os.environ.get("AVAR_CACHE") or Path.home() / ".cache" / "avar")
-    final = root / "models" / f"tiny-qwen2.5-vl-{TINY_VERSION}"
+    name = "qwen2.5-vl" if model_type == "qwen2_5_vl" else model_type.replace("_", "-")
+    final = root / "models" / f"tiny-{name}-{TINY_VERSION}"
     if (final / DONE_MARKER).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -81,43 +90,36 @@ def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
             return final
         if final.exists():  # a folder without marker is debris of an older scheme: replace
             shutil.rmtree(final)
-        build_tiny_model(final, seed=0)
+        build_tiny_model(final, seed=0, model_type=model_type)
     return final
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, model_type: str = "qwen2_5_vl",
-                     vocab_size: int = 4096, max_pixels: int = TINY_MAX_PIXELS,
-                     min_pixels: int = TINY_MIN_PIXELS, vision: dict | None = None,
+                     vocab_size: int = 4096, max_pixels: int | None = None,
+                     min_pixels: int | None = None, vision: dict | None = None,
                      **text_overrides: Any) -> Path:
     """Build a seeded random-weight VLM with tokenizer and processor into ``out_dir``.
 
     Text-model fields (``hidden_size``, ``num_hidden_layers``, ...) come as keyword overrides,
     vision-tower fields as ``vision={...}``. M-RoPE sections are derived from the head size.
-    ``model_type`` is ``qwen2_5_vl`` or ``qwen2_vl``. Written atomically (temp folder, rename);
-    an existing ``out_dir`` is an error.
+    ``model_type`` is one of :data:`TINY_ALIASES`' values or ``qwen2_vl``; ``max_pixels`` /
+    ``min_pixels`` bound the image area of the Qwen families (64 and 4 image tokens by default).
+    Written atomically (temp folder, rename); an existing ``out_dir`` is an error.
     """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
-
-    from pipeline.vlm.processing import QwenVLImageOnlyProcessor, chat_template
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"tiny model folder {out_dir} already exists")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tokenizer = train_tokenizer(vocab_size=vocab_size, seed=seed)
-        vision = {**TINY_VISION, **(vision or {})}
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision["patch_size"],
-            merge_size=vision["spatial_merge_size"],
-            temporal_patch_size=vision["temporal_patch_size"])
-        processor = QwenVLImageOnlyProcessor(image_processor, tokenizer,
-                                             chat_template=chat_template())
-        tokenizer.chat_template = processor.chat_template
-        model = _build_model(tokenizer, model_type, seed, vision, text_overrides)
+        if model_type in ("qwen2_5_vl", "qwen2_vl"):
+            vision = {**TINY_VISION, **(vision or {})}
+            model, processor = _build_qwen2(model_type, seed, vocab_size, vision, text_overrides,
+                                            max_pixels or TINY_MAX_PIXELS, min_pixels or TINY_MIN_PIXELS)
+        else:
+            from pipeline.vlm.tiny_families import build_family
+            model, processor, vision = build_family(model_type, seed, vocab_size, vision or {},
+                                                    text_overrides, max_pixels, min_pixels)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         marker = {"version": TINY_VERSION, "seed": seed, "model_type": model_type,
@@ -130,12 +132,14 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, model_type: str = "qwen
     return out_dir
 
 
-def train_tokenizer(vocab_size: int = 4096, seed: int = 0):
-    """A byte-level BPE ``Qwen2Tokenizer`` (Qwen's pre-tokenizer regex) trained on the embedded
-    corpus plus seeded arithmetic sentences, with the Qwen-VL special tokens."""
+def train_bpe(vocab_size: int, seed: int = 0, special_tokens: tuple[str, ...] = (),
+              extra_lines: tuple[str, ...] = ()):
+    """A byte-level BPE ``tokenizers.Tokenizer`` (Qwen's pre-tokenizer regex) trained on the
+    embedded corpus plus seeded arithmetic sentences and ``extra_lines``, leaving room for
+    ``special_tokens`` (added as specials when given)."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     bpe = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     bpe.normalizer = normalizers.NFC()
@@ -145,8 +149,16 @@ def train_tokenizer(vocab_size: int = 4096, seed: int = 0):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN_VL_SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(_corpus_lines(seed), trainer)
+                                  show_progress=False, special_tokens=list(special_tokens))
+    bpe.train_from_iterator(_corpus_lines(seed) + list(extra_lines), trainer)
+    return bpe
+
+
+def train_tokenizer(vocab_size: int = 4096, seed: int = 0):
+    """A byte-level BPE ``Qwen2Tokenizer`` (:func:`train_bpe`) with the Qwen-VL special tokens."""
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    bpe = train_bpe(vocab_size, seed)
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, unk_token=None,
                                eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -168,6 +180,23 @@ def _corpus_lines(seed: int) -> list[str]:
         lines.append(f"Step {rng.randint(1, 9)}: {a} + {b} = {a + b}, so x = {a * b}.")
         lines.append(" ".join(rng.choice(words) for _ in range(12)))
     return lines
+
+
+def _build_qwen2(model_type: str, seed: int, vocab_size: int, vision: dict, text_overrides: dict,
+                 max_pixels: int, min_pixels: int):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    from pipeline.vlm.processing import QwenVLImageOnlyProcessor, chat_template
+
+    tokenizer = train_tokenizer(vocab_size=vocab_size, seed=seed)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision["patch_size"],
+        merge_size=vision["spatial_merge_size"], temporal_patch_size=vision["temporal_patch_size"])
+    processor = QwenVLImageOnlyProcessor(image_processor, tokenizer, chat_template=chat_template())
+    tokenizer.chat_template = processor.chat_template
+    return _build_model(tokenizer, model_type, seed, vision, text_overrides), processor
 
 
 def _build_model(tokenizer, model_type: str, seed: int, vision: dict, text_overrides: dict):
