@@ -22,7 +22,8 @@ from pipeline.vas.stage import VASStage
 
 def read_records(path: str) -> Iterable[dict]:
     """Sample-like records from a work-store stage folder, a saved HF dataset, or parquet/jsonl
-    file(s) with ``image``/``images``, ``question`` and ``response`` columns."""
+    file(s) with ``image``/``images``, ``question`` and ``response`` columns (a published AVAR
+    dataset has ``problem`` and ``messages`` instead of ``question``: either is read)."""
     from pathlib import Path
 
     from pipeline.ids import sample_id
@@ -45,11 +46,21 @@ def read_records(path: str) -> Iterable[dict]:
         data = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     for index, row in enumerate(data):
         blobs = image_cells(row.get("images", row.get("image")))
-        question = row.get("question") or ""
+        question = row.get("question") or row.get("problem") or _user_text(row.get("messages")) or ""
         rid = str(row.get("id") or sample_id(blobs, question, f"row-{index}"))
         yield {"id": rid, "question": question, "response": row.get("response"),
                "images": [{"bytes": blob} for blob in blobs], "source": row.get("source")}
 
+
+
+def _user_text(messages) -> str | None:
+    """The first user turn's text of a ``messages`` cell (rows without a question column)."""
+    for message in messages or []:
+        if message.get("role") == "user":
+            content = message.get("content")
+            return content if isinstance(content, str) else "".join(
+                part.get("text") or "" for part in content or [] if part.get("type") == "text")
+    return None
 
 
 def flat_columns(vas: dict) -> dict:

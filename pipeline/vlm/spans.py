@@ -16,8 +16,9 @@ membership, precisely:
                sequence (an attention sink) never counts as system. A sample without a system
                turn, or with an empty one, has S empty. Families whose template folds the system
                prompt into the first user turn (Gemma 3: ``PROMPT\\n\\n`` + user content) have
-               ``folded_system``: S is the first user turn's content before its first blank line
-               (a token with two newlines, or two newline tokens in a row). That reading is only
+               ``folded_system``: S is the first user turn's text before its first blank line
+               (a token with two newlines, or two newline tokens in a row) or first image,
+               whitespace tokens excluded, and empty without a blank line. That reading is only
                right when a system prompt was rendered, which is why the project always writes
                one (:func:`pipeline.vlm.inputs.with_system_prompt`) and refuses prompts holding
                a blank line for such families.
@@ -265,7 +266,9 @@ def _folded_system(ids: torch.Tensor, content: torch.Tensor, role: torch.Tensor,
 
     The blank line is cut where it starts: a whitespace token holding one is not S, a text token
     ending in one (".\\n\\n") still is, and so is a text token ending in a newline that the
-    next token continues. Without any blank line nothing was folded in."""
+    next token continues. S also ends at the turn's first vision token (the template writes the
+    prompt before all content) and holds no whitespace-only token. Without any blank line
+    nothing was folded in."""
     def member(id_set: frozenset[int]) -> torch.Tensor:
         return torch.isin(ids, torch.tensor(sorted(id_set) or [-2], device=ids.device))
 
@@ -277,8 +280,10 @@ def _folded_system(ids: torch.Tensor, content: torch.Tensor, role: torch.Tensor,
     pair = member(special.ends_newline_ids) & next_starts  # a blank line across two tokens
     cut_here = member(special.blank_ids) | (pair & whitespace)
     cut_after = member(special.text_blank_ids) | (pair & ~whitespace)
-    cut = in_first & (cut_here | torch.nn.functional.pad(cut_after[:, :-1], (1, 0), value=False))
-    return in_first & (cut.long().cumsum(dim=1) == 0) & cut.any(dim=1, keepdim=True)
+    vision = member(frozenset(special.vision_ids))  # the prompt precedes the turn's first image
+    cut = in_first & (cut_here | vision | torch.nn.functional.pad(cut_after[:, :-1], (1, 0), value=False))
+    blank_found = (in_first & (cut_here | cut_after)).any(dim=1, keepdim=True)
+    return in_first & ~whitespace & (cut.long().cumsum(dim=1) == 0) & blank_found
 
 
 def _roles_at_starts(ids: torch.Tensor, is_start: torch.Tensor, special: SpecialTokens

@@ -1,5 +1,6 @@
-"""Shared lens fixtures: the tiny model in sdpa and eager form, a padded chat batch, and the
-eager reference masses (used by the lens, objectives, intervention and VAS tests and bench/gpu.py)."""
+"""Shared lens fixtures: a tiny model (any family) in sdpa and eager form, a padded chat batch,
+and the eager reference masses (used by the lens, objectives, intervention, VAS and family tests
+and bench/gpu.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ from functools import cache
 import torch
 from PIL import Image
 
-from pipeline.vlm import build_inputs, load_model_and_processor, tiny_model_path
+from pipeline.paper import DEFAULT_SYSTEM_PROMPT
+from pipeline.vlm import adapter_for, build_inputs, load_model_and_processor, resolve_model_name
+from pipeline.vlm.inputs import with_system_prompt
 from pipeline.vlm.spans import compute_spans
 
 REL_TOL = 1e-4
 
 
 @cache
-def tiny_models():
+def tiny_models(alias: str = "tiny"):
     """(sdpa model, eager model with the same weights, processor), float32, eval mode."""
-    path = tiny_model_path()
+    path = resolve_model_name(alias)
     model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation="sdpa")
     eager, _ = load_model_and_processor(path, dtype=torch.float32, attn_implementation="eager")
     return model.eval(), eager.eval(), processor
@@ -38,18 +41,18 @@ SAMPLES = [  # (images, question, answer): one image, two images, a longer answe
 
 
 def chat_batch(processor, padding_side: str = "left", samples=SAMPLES, with_answer: bool = True):
-    """(inputs, spans) for ``samples`` as one padded batch."""
+    """(inputs, spans) for ``samples`` as one padded batch, each with the explicit system turn."""
+    folded = adapter_for(processor).chat_format.folded_system
     conversations, images = [], []
     for i, (sizes, question, answer) in enumerate(samples):
         content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": question}]
         turns = [{"role": "user", "content": content}]
         if with_answer:
             turns.append({"role": "assistant", "content": answer})
-        conversations.append(turns)
+        conversations.append(with_system_prompt(turns, DEFAULT_SYSTEM_PROMPT, folded))
         images.append([_image(10 * i + j, size) for j, size in enumerate(sizes)])
     inputs = build_inputs(processor, conversations, images, padding_side=padding_side,
                           add_generation_prompt=not with_answer)
-    inputs.pop("mm_token_type_ids", None)
     return inputs, compute_spans(inputs["input_ids"], inputs["attention_mask"], processor)
 
 
