@@ -1,9 +1,14 @@
-"""GPU rows of BENCHMARKS.md: the attention lens and AGTO on CUDA, tiny and Qwen2.5-VL-7B-shaped.
+"""GPU rows of BENCHMARKS.md: the attention lens and AGTO on CUDA, tiny and real-shaped, per family.
 
 Random weights throughout (nothing is downloaded), one CUDA GPU:
 
-    python -m bench.gpu --out gpu.json             # about 3 minutes on one H100/H200
+    python -m bench.gpu --out gpu.json             # Qwen2.5-VL-7B shape, about 3 minutes on one H100/H200
+    python -m bench.gpu --family qwen3_vl --out gpu-qwen3.json      # Qwen3-VL-8B shape
+    python -m bench.gpu --family gemma3 --out gpu-gemma3.json       # Gemma-3-4B shape
     python -m bench.gpu --shape small --device cpu # a smoke run of the same code on a laptop
+
+``--family`` picks the tiny model of the exactness checks and the architecture of the shaped
+model (``--shape full``: the real model's config.json sizes; ``7b`` is kept as the Qwen2.5-VL name).
 
 1. **Exactness on CUDA** (the tiny test model, batch of 3 with left padding, two images in one
    sample): lens masses against eager ``output_attentions=True`` in float32 (max relative error,
@@ -36,21 +41,44 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Qwen/Qwen2.5-VL-7B-Instruct's config.json (text and vision tower); token ids stay the tiny
-# tokenizer's, which only changes which embedding rows are read.
+# Each family's real config.json sizes (text and vision tower): Qwen/Qwen2.5-VL-7B-Instruct,
+# Qwen/Qwen3-VL-8B-Instruct, google/gemma-3-4b-it; token ids stay the tiny tokenizer's, which only
+# changes which embedding rows are read. "small" runs the same code anywhere.
 SHAPES = {
-    "7b": ({"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-            "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-            "max_position_embeddings": 128000, "rms_norm_eps": 1e-6},
-           {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-            "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112}),
-    "small": ({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8192,
-               "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
-              {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
-               "out_hidden_size": 256, "fullatt_block_indexes": [1], "window_size": 112}),
+    "qwen2_5_vl": {
+        "full": ({"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                  "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                  "max_position_embeddings": 128000, "rms_norm_eps": 1e-6},
+                 {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                  "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112}),
+        "small": ({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8192,
+                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+                  {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                   "out_hidden_size": 256, "fullatt_block_indexes": [1], "window_size": 112})},
+    "qwen3_vl": {
+        "full": ({"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                  "max_position_embeddings": 262144, "rms_norm_eps": 1e-6},
+                 {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                  "out_hidden_size": 4096, "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]}),
+        "small": ({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 8192, "max_position_embeddings": 32768},
+                  {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256,
+                   "deepstack_visual_indexes": [0, 1]})},
+    "gemma3": {
+        "full": ({"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+                  "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208,
+                  "sliding_window": 1024, "max_position_embeddings": 131072, "query_pre_attn_scalar": 256},
+                 {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16}),
+        "small": ({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 8192, "sliding_window": 512},
+                  {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2})},
 }
-IMAGE_SIDE = 896  # (896 / 28)^2 = 1,024 image tokens
+SHAPES["qwen2_5_vl"]["7b"] = SHAPES["qwen2_5_vl"]["full"]
+TINY_OF = {"qwen2_5_vl": "tiny", "qwen3_vl": "tiny-qwen3-vl", "gemma3": "tiny-gemma3"}
+GEMMA_IMAGE = {"image_size": 896, "patch_size": 14, "mm_tokens_per_image": 256}  # 64 x 64 patches pooled 4x4
+IMAGE_SIDE = 896  # Qwen2.5-VL: (896 / 28)^2 = 1,024 image tokens; Qwen3-VL: (896 / 32)^2 = 784; Gemma 3: 256
 
 
 def _sync(device):
@@ -93,17 +121,17 @@ def _rel(got, ref) -> float:
 # ---------------------------------------------------------------- 1. exactness on the device
 
 
-def exactness(device) -> dict:
+def exactness(device, family: str = "qwen2_5_vl") -> dict:
     import warnings
 
     import torch
 
     from pipeline.lens import AttentionLens
     from pipeline.lens import modules as attention  # where the lens looks sdpa_with_lse up
-    from pipeline.vlm import load_model_and_processor, tiny_model_path
+    from pipeline.vlm import load_model_and_processor, resolve_model_name
     from tests.support.lens import SAMPLES, chat_batch
 
-    path = tiny_model_path()
+    path = resolve_model_name(TINY_OF[family])
     model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation="sdpa")
     eager, _ = load_model_and_processor(path, dtype=torch.float32, attn_implementation="eager")
     model, eager = model.to(device).eval(), eager.to(device).eval()
@@ -179,32 +207,44 @@ def exactness(device) -> dict:
 # ---------------------------------------------------------------- 2./3. the 7B-shaped model
 
 
-def build_shaped_model(shape: str, device, dtype):
-    """A random-weight Qwen2.5-VL of ``shape``, built directly on ``device`` in ``dtype``, and
-    the tiny model's processor (same special tokens, image processor allowing ``IMAGE_SIDE``)."""
+def build_shaped_model(family: str, shape: str, device, dtype):
+    """A random-weight model of ``family`` and ``shape``, built directly on ``device`` in
+    ``dtype``, and the matching tiny model's processor (same special tokens, an image processor
+    for ``IMAGE_SIDE``-pixel images)."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig
 
-    from pipeline.vlm import build_tiny_model, load_processor
+    from pipeline.vlm import adapter_for, build_tiny_model, load_processor
     from pipeline.vlm.tiny import mrope_parameters
 
     folder = Path(tempfile.mkdtemp(prefix="avar-gpu-bench-")) / "tiny"
-    build_tiny_model(folder, seed=0, max_pixels=IMAGE_SIDE * IMAGE_SIDE)
-    text, vision = SHAPES[shape]
-    config = Qwen2_5_VLConfig.from_pretrained(folder).to_dict()
+    if family == "gemma3":
+        build_tiny_model(folder, seed=0, model_type="gemma3", vision=GEMMA_IMAGE)
+    else:
+        build_tiny_model(folder, seed=0, model_type=family, max_pixels=IMAGE_SIDE * IMAGE_SIDE)
+    text, vision = SHAPES[family][shape]
+    config = AutoConfig.from_pretrained(folder)
+    adapter = adapter_for(config)
+    config = config.to_dict()
     config["text_config"].update(text)
     for derived in ("layer_types", "max_window_layers"):  # follow num_hidden_layers
         config["text_config"].pop(derived, None)
-    config["text_config"]["rope_parameters"] = mrope_parameters(text["hidden_size"], text["num_attention_heads"])
+    if family == "qwen2_5_vl":
+        config["text_config"]["rope_parameters"] = mrope_parameters(text["hidden_size"], text["num_attention_heads"])
+    elif family == "qwen3_vl":
+        half = text["head_dim"] // 2
+        config["text_config"]["rope_parameters"]["mrope_section"] = [half - 2 * (half * 5 // 16), half * 5 // 16,
+                                                                     half * 5 // 16]
     config["vision_config"].update(vision)
-    config = Qwen2_5_VLConfig(**config)
+    config = type(AutoConfig.from_pretrained(folder))(**config)
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = adapter.model_cls()._from_config(config, dtype=dtype, attn_implementation="sdpa")
     _sync(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"built {shape} model: {n_params / 1e9:.2f}B parameters in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"built {family} {shape} model: {n_params / 1e9:.2f}B parameters in {time.perf_counter() - start:.1f} s",
+          flush=True)
     return model.eval(), load_processor(folder), n_params
 
 
@@ -340,7 +380,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--family", choices=sorted(SHAPES), default="qwen2_5_vl")
+    parser.add_argument("--shape", choices=["full", "small", "7b"], default="full")
     parser.add_argument("--vas-lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=5)
@@ -349,7 +390,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "shape": args.shape}
+                    "torch": torch.__version__, "family": args.family, "shape": args.shape}
     import transformers
     report["transformers"] = transformers.__version__
 
@@ -358,13 +399,15 @@ def main() -> int:
             args.out.write_text(json.dumps(report, indent=2))
 
     if "exactness" not in args.skip:
-        report["exactness"] = exactness(device)
+        report["exactness"] = exactness(device, args.family)
         print(json.dumps(report["exactness"]), flush=True)
         save()
     if "vas" in args.skip and "train" in args.skip:
         return 0
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, processor, n_params = build_shaped_model(args.shape, device, dtype)
+    if args.shape == "7b" and args.family != "qwen2_5_vl":
+        parser.error("--shape 7b names the Qwen2.5-VL shape; use --shape full")
+    model, processor, n_params = build_shaped_model(args.family, args.shape, device, dtype)
     report["parameters"] = n_params
     report["weights_mib"] = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
     if "vas" not in args.skip:

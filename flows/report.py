@@ -94,6 +94,14 @@ def vas_lines(vas: dict) -> list[str]:
     return lines
 
 
+def _reference_line(summary: dict) -> list[str]:
+    if not summary.get("vas_model"):
+        return []
+    prompt = summary.get("vas_system_prompt")
+    return [f"Reference model `{summary['vas_model']}`"
+            + (f"; system prompt \"{prompt}\" written into every scored chat" if prompt else "") + ".", ""]
+
+
 def _random_weights_note(summary: dict) -> list[str]:
     if not summary.get("vas_random_weights"):
         return []
@@ -134,7 +142,8 @@ def run_summary_markdown(summary: dict, store: WorkStore, plan: Plan = DEFAULT_P
               "Filter rejects: " + _reasons(funnel.get("rejects") or {}), "",
               "## Stages", "", *_table(stage_rows(summary, store, plan)), "",
               "## Teacher usage and cost (this run)", "", *_table(usage_rows(summary)), "",
-              "## VAS", "", *_random_weights_note(summary), *vas_lines(funnel.get("vas") or {})]
+              "## VAS", "", *_reference_line(summary), *_random_weights_note(summary),
+              *vas_lines(funnel.get("vas") or {})]
     return "\n".join(lines) + "\n"
 
 

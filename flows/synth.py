@@ -197,6 +197,7 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
                "runner": config.run.runner, "flow_pid": os.getpid(),
                "seeds": seeds, "stages": reports, "vas_model": config.vas.model,
                "vas_random_weights": has_random_weights(config.vas.model),
+               "vas_system_prompt": config.vas.system_prompt,
                "funnel": filtered["funnel"], "published": published}
     write_json_atomic(store.root / "run_summary.json", summary)
     publish_run_artifacts(summary, store)

@@ -152,7 +152,7 @@ def test_help_lists_every_leaf():
     assert dataclasses.fields(Undocumented)[0].name == "a"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "ci_small.yaml", "synth.example.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "ci_small.yaml", "synth.example.yaml", "synth_qwen3_vl_8b.example.yaml"])
 def test_shipped_configs_validate(name):
     from flows.config import load_synth_config
     config = load_synth_config(REPO / "configs" / name)

@@ -291,3 +291,99 @@ def test_eval_reports_accuracy_vas_and_the_system_prompt(alias, tmp_path):
     assert report["intervention"]["vas"]["raw"] > report["vas"]["raw"]
     if alias == "tiny-gemma3":
         assert report["max_pixels"] is None and report["max_pixels_from"] == "fixed image tokens"
+
+
+# --- paper-setting configs for Qwen3-VL-8B ---------------------------------------------------------
+
+def _settings(config, skip=("model_name_or_path", "output_dir", "logging_dir", "run_name", "hub_model_id")) -> dict:
+    import dataclasses
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+
+
+@pytest.mark.parametrize("kind, cls", [("sft", AGTOConfig), ("rl", VARSConfig)])
+def test_qwen3_vl_8b_configs_carry_the_paper_settings_over(kind, cls, tmp_path):
+    common = ["--dataset", "toy", "--output_dir", str(tmp_path), "--bf16", "false", "--use_cpu", "true"]
+    base = parse_config(cls, ["--config", str(ROOT / "configs" / f"{kind}.yaml"), *common])
+    qwen3 = parse_config(cls, ["--config", str(ROOT / "configs" / f"{kind}_qwen3_vl_8b.yaml"), *common])
+    assert "qwen3" in qwen3.model_name_or_path.lower().replace("-", "")
+    assert _settings(qwen3) == _settings(base)  # the same hyperparameters, system prompt included
+    assert qwen3.system_prompt == DEFAULT_SYSTEM_PROMPT
+
+
+def test_qwen3_vl_8b_synth_config_scores_with_qwen3():
+    from flows.config import load_synth_config
+
+    config = load_synth_config(ROOT / "configs" / "synth_qwen3_vl_8b.example.yaml")
+    paper = load_synth_config(ROOT / "configs" / "synth.example.yaml")
+    assert config.vas.model == "Qwen/Qwen3-VL-8B-Instruct" and config.vas.system_prompt == DEFAULT_SYSTEM_PROMPT
+    assert (config.vas.max_pixels, config.vas.queries, config.filter) == (paper.vas.max_pixels, paper.vas.queries,
+                                                                          paper.filter)
+
+
+# --- chat templates with generation markers ---------------------------------------------------------
+
+GEMMA_PROBES = [
+    [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What is x? "}]},
+     {"role": "assistant", "content": "x = 2"},
+     {"role": "user", "content": [{"type": "text", "text": "And y?"}, {"type": "image"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "y = 3 "}]}],
+    [{"role": "user", "content": "Hi"}],
+]
+
+
+def test_gemma_template_renders_like_the_stock_one_and_replaces_it():
+    from pipeline.vlm.processing import chat_template, install_generation_template
+
+    stock = (Path(__file__).parent / "support" / "stock_gemma3.jinja").read_text()
+    _, _, processor = tiny_models("tiny-gemma3")
+    assert processor.chat_template == chat_template("gemma3")
+    for conversation in GEMMA_PROBES:
+        for gen in (False, True):
+            ours = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen)
+            theirs = processor.apply_chat_template(conversation, chat_template=stock, tokenize=False,
+                                                   add_generation_prompt=gen)
+            assert ours == theirs
+    import copy
+    fresh = copy.deepcopy(processor)
+    fresh.chat_template = stock
+    install_generation_template(fresh, chat_template("gemma3"))
+    assert fresh.chat_template == chat_template("gemma3")
+    # the generation region is exactly the response span
+    text_only = [m if isinstance(m["content"], str) else
+                 {**m, "content": [p for p in m["content"] if p["type"] == "text"]} for m in GEMMA_PROBES[0]]
+    out = processor.apply_chat_template(text_only, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = torch.tensor(out["input_ids"]).view(-1), torch.tensor(out["assistant_masks"]).view(-1)
+    spans = compute_spans(ids, None, processor)
+    assert int(mask.sum()) > 0 and spans.response[0].tolist() == mask.bool().tolist()
+
+
+QWEN_PROBES = [
+    [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is x?"}, {"type": "image"}]},
+     {"role": "assistant", "content": "x = 2"},
+     {"role": "user", "content": "And y?"},
+     {"role": "assistant", "content": [{"type": "text", "text": "y = 3"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "No system turn: none is written."}]}],
+]
+
+
+def test_qwen3_vl_template_renders_like_the_stock_one_and_replaces_it():
+    import copy
+
+    from pipeline.vlm.processing import chat_template, install_generation_template
+
+    stock = (Path(__file__).parent / "support" / "stock_qwen3_vl.jinja").read_text()
+    _, _, processor = tiny_models("tiny-qwen3-vl")
+    for conversation in QWEN_PROBES:
+        for gen in (False, True):
+            for vision_id in (False, True):
+                kwargs = {"tokenize": False, "add_generation_prompt": gen, "add_vision_id": vision_id}
+                assert processor.apply_chat_template(conversation, **kwargs) == \
+                    processor.apply_chat_template(conversation, chat_template=stock, **kwargs)
+    assert not processor.apply_chat_template(QWEN_PROBES[1], tokenize=False).startswith("<|im_start|>system")
+    fresh = copy.deepcopy(processor)
+    fresh.chat_template = stock
+    install_generation_template(fresh, chat_template("qwen3_vl"))
+    assert fresh.chat_template == chat_template("qwen3_vl")

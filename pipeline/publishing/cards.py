@@ -171,7 +171,8 @@ class CardStats:
             self.vas_models[str(vas.get("model", "?"))] += 1
             layers = vas.get("layers")
             self.vas_settings[(vas.get("queries"), vas.get("max_pixels"),
-                               "all" if not layers else ",".join(map(str, layers)))] += 1
+                               "all" if not layers else ",".join(map(str, layers)),
+                               vas.get("system_prompt"))] += 1
         self.anchor_counts.append(int(record.get("n_anchors") or 0))
         self.response_chars.append(len(record.get("response") or ""))
         self.profile.add(record, split)
@@ -378,7 +379,8 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
         yaml=yaml_text, name=dataset_name, pretty_name=pretty_name or dataset_name, repo_id=repo_id or dataset_name,
         stats=stats, splits=splits, sources=stats.sources.most_common(), stages=_stage_rows(stats),
         vas_models=stats.vas_models.most_common(),
-        vas_settings=[{"queries": q, "max_pixels": p, "layers": layer, "n": n} for (q, p, layer), n in stats.vas_settings.most_common()],
+        vas_settings=[{"queries": q, "max_pixels": p, "layers": layer, "system_prompt": sp, "n": n}
+                      for (q, p, layer, sp), n in stats.vas_settings.most_common()],
         vas_raw=_summary(stats.vas_raw), vas_normalized=_summary(stats.vas_normalized),
         anchors=_summary([float(a) for a in stats.anchor_counts]), response_chars=_summary([float(c) for c in stats.response_chars]),
         funnel=_funnel_view(funnel), usage_published=_usage_rows(stats.usage, provenance),

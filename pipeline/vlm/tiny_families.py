@@ -108,19 +108,21 @@ def _gemma3(seed, vocab_size, vision, text_overrides):
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                               "image_token": "<image_soft_token>", "sot_token": "<start_of_turn>",
                               "eot_token": "<end_of_turn>"}, model_max_length=32768)
+    vision = dict(vision)
+    tokens_per_image = vision.pop("mm_tokens_per_image", GEMMA3_TOKENS_PER_IMAGE)
     size = vision["image_size"]
     image_processor = Gemma3ImageProcessorPil(size={"height": size, "width": size},
                                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     processor = transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                              chat_template=chat_template("gemma3"),
-                                             image_seq_length=GEMMA3_TOKENS_PER_IMAGE)
+                                             image_seq_length=tokens_per_image)
     tokenizer.chat_template = processor.chat_template
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_SPECIAL_TOKENS}
     text = {**GEMMA3_TEXT, **text_overrides}
     text.update(vocab_size=_round_up(len(tokenizer), 64), pad_token_id=ids["<pad>"],
                 bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"])
     config = transformers.Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA3_TOKENS_PER_IMAGE,
+        text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
         boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids["<image_soft_token>"])
     torch.manual_seed(seed)
