@@ -39,9 +39,9 @@ SPAN_NAMES = ("system", "image", "user", "response")
 # --- spans against a character-level reference --------------------------------------------------
 
 TURN_PATTERNS = {  # chat format -> (turn regex on the expanded text, role spelling -> our role)
-    "qwen": (re.compile(r"<\|im_start\|>(\w+)\n(.*?)(<\|im_end\|>)", re.S),
+    "qwen": (re.compile(r"<\|im_start\|>(\w+)\n(.*?)(<\|im_end\|>)", re.DOTALL),
              {"system": "system", "user": "user", "assistant": "assistant"}),
-    "gemma": (re.compile(r"<start_of_turn>(\w+)\n(.*?)(<end_of_turn>)", re.S),
+    "gemma": (re.compile(r"<start_of_turn>(\w+)\n(.*?)(<end_of_turn>)", re.DOTALL),
               {"user": "user", "model": "assistant"}),
 }
 LABEL = {"system": "system", "user": "user", "assistant": "response"}
@@ -93,7 +93,7 @@ def character_reference(processor, conversation: list[dict], n_tokens_per_image:
 
 def random_conversation(rng: random.Random, n_images: int) -> list[dict]:
     words = ["angle", "x", "What", "is", "the", "bar", "3", "+", "5", "=", "?", "circle", "Look", "again."]
-    text = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))  # noqa: E731
+    text = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
     turns = []
     for turn in range(rng.randint(1, 2)):
         content = [{"type": "text", "text": text()}]
@@ -129,7 +129,7 @@ def test_spans_match_a_character_reference_in_padded_batches(alias):
             for name in SPAN_NAMES:
                 got = getattr(spans, name)[row][valid].tolist()
                 assert got == [label == name for label in labels], (alias, name, row)
-            assert getattr(spans, "system")[row].sum() > 0
+            assert spans.system[row].sum() > 0
 
 
 def _runs(ids: torch.Tensor, image_id: int) -> list[int]:
@@ -168,7 +168,7 @@ def test_lens_matches_eager_values_and_gradients(alias):
     # gradients of an AGTO-like loss: lens vs materialised eager attention
     q = spans.user
     valid = q[None, :, None, :].expand(len(layers), -1, model.config.text_config.num_attention_heads, -1)
-    loss = lambda img, sys: -(img + 1e-6).log().mean() + (sys + 1e-6).log().mean()  # noqa: E731
+    loss = lambda img, sys: -(img + 1e-6).log().mean() + (sys + 1e-6).log().mean()
     eager.zero_grad()
     attn = torch.stack(eager(**inputs, output_attentions=True).attentions)
     loss((attn * spans.image[None, :, None, None, :]).sum(-1)[valid],
@@ -182,8 +182,8 @@ def test_lens_matches_eager_values_and_gradients(alias):
     model.zero_grad()
     eager.zero_grad()
     assert set(got) == set(expected) and got
-    for name in expected:
-        assert_close(got[name], expected[name], tol=1e-3)
+    for name, reference in expected.items():
+        assert_close(got[name], reference, tol=1e-3)
 
 
 @pytest.mark.parametrize("alias", FAMILIES)

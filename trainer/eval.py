@@ -41,7 +41,13 @@ from pipeline.response_format import extract_answer, format_ok
 from pipeline.vas import ScoreError, VASItem
 from pipeline.vas.scoring import model_vas
 from pipeline.verify import answers_match
-from pipeline.vlm import SpecialTokens, adapter_for, build_inputs, compute_spans, load_model_and_processor
+from pipeline.vlm import (
+    SpecialTokens,
+    adapter_for,
+    build_inputs,
+    compute_spans,
+    load_model_and_processor,
+)
 from pipeline.vlm.inputs import image_token_pixels
 from trainer.data import EvalExample, eval_examples, load_table
 from trainer.models import resolve_dtype

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoConfig
 from transformers.processing_utils import ProcessorMixin
 
-from pipeline.vlm.adapters import _PROCESSOR_TYPES, adapter_for
 from pipeline.vlm import processing
+from pipeline.vlm.adapters import _PROCESSOR_TYPES, adapter_for
 from pipeline.vlm.processing import (
     QwenVLImageOnlyProcessor,
     install_generation_template,

@@ -152,12 +152,13 @@ class SpecialTokens:
         folded = {}
         if chat_format.folded_system:
             text = {i: t.replace("Ċ", "\n") for t, i in vocab.items()}
-            folded = dict(
-                blank_ids=frozenset(i for i in newline_ids if "\n\n" in text[i].replace(" ", "")),
-                text_blank_ids=frozenset(i for i, t in text.items()
-                                         if t.endswith("\n\n") and i not in newline_ids),
-                ends_newline_ids=frozenset(i for i, t in text.items() if t.endswith("\n")),
-                starts_newline_ids=frozenset(i for i, t in text.items() if t.startswith("\n")))
+            only_newlines = {i: "".join(c for c in text[i] if c in "\n\r") for i in newline_ids}
+            folded = {
+                "blank_ids": frozenset(i for i, t in only_newlines.items() if "\n\n" in t.replace("\r", "")),
+                "text_blank_ids": frozenset(i for i, t in text.items()
+                                            if t.endswith("\n\n") and i not in newline_ids),
+                "ends_newline_ids": frozenset(i for i, t in text.items() if t.endswith("\n")),
+                "starts_newline_ids": frozenset(i for i, t in text.items() if t.startswith("\n"))}
         start_marker, end_marker = chat_format.vision_tokens[:2]
         return cls(im_start=required(chat_format.turn_start), im_end=required(chat_format.turn_end),
                    image_pad=required(chat_format.image_token), vision_start=required(start_marker),

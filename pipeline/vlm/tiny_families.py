@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline.vlm.tiny import QWEN_VL_SPECIAL_TOKENS, _round_up, train_tokenizer
+from pipeline.vlm.tiny_tokenizer import QWEN_VL_SPECIAL_TOKENS, round_up, train_bpe, train_tokenizer
 
 QWEN3_TEXT = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
@@ -76,7 +76,7 @@ def _qwen3_vl(model_type, seed, vocab_size, vision, text_overrides, max_pixels, 
     text = {**QWEN3_TEXT, **(QWEN3_MOE if moe else {}), **text_overrides}
     half = text["head_dim"] // 2  # rotary pairs, split over (t, h, w) like the stock [24, 20, 20] of 64
     sections = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
-    text.update(vocab_size=_round_up(len(tokenizer), 64), bos_token_id=ids["<|endoftext|>"],
+    text.update(vocab_size=round_up(len(tokenizer), 64), bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                 rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
                                  "mrope_section": sections, "mrope_interleaved": True})
@@ -100,7 +100,6 @@ def _gemma3(seed, vocab_size, vision, text_overrides):
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     from pipeline.vlm.processing import chat_template
-    from pipeline.vlm.tiny import train_bpe
 
     bpe = train_bpe(vocab_size, seed, special_tokens=GEMMA3_SPECIAL_TOKENS, extra_lines=_GEMMA_LINES)
     tokenizer = PreTrainedTokenizerFast(
@@ -119,7 +118,7 @@ def _gemma3(seed, vocab_size, vision, text_overrides):
     tokenizer.chat_template = processor.chat_template
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_SPECIAL_TOKENS}
     text = {**GEMMA3_TEXT, **text_overrides}
-    text.update(vocab_size=_round_up(len(tokenizer), 64), pad_token_id=ids["<pad>"],
+    text.update(vocab_size=round_up(len(tokenizer), 64), pad_token_id=ids["<pad>"],
                 bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"])
     config = transformers.Gemma3Config(
         text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
