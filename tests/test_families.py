@@ -387,3 +387,22 @@ def test_qwen3_vl_template_renders_like_the_stock_one_and_replaces_it():
     fresh.chat_template = stock
     install_generation_template(fresh, chat_template("qwen3_vl"))
     assert fresh.chat_template == chat_template("qwen3_vl")
+
+
+def test_eval_and_vas_on_a_moe_checkpoint_trained_with_router_logits(tmp_path):
+    """TRL leaves output_router_logits on in the checkpoints it saves; generation and scoring
+    turn it off (transformers' load-balancing loss breaks cached generation with padding)."""
+    from tests.test_eval import mathvista_like
+
+    model, _, processor = tiny_models("tiny-qwen3-vl-moe")
+    checkpoint = tmp_path / "moe"
+    model.config.text_config.output_router_logits = True
+    try:
+        model.save_pretrained(checkpoint)
+    finally:
+        model.config.text_config.output_router_logits = False
+    processor.save_pretrained(checkpoint)
+    mathvista_like(3).save_to_disk(str(tmp_path / "bench"))
+    report = evaluation.main(["--model", str(checkpoint), "--data", str(tmp_path / "bench"), "--split", "train",
+                              "--max-new-tokens", "4", "--batch-size", "3", "--output", str(tmp_path / "r.json")])
+    assert report["n"] == 3 and report["vas"]["n_scored"] == 3 and report["model_family"] == "qwen3_vl"

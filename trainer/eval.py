@@ -49,6 +49,7 @@ from pipeline.vlm import (
     load_model_and_processor,
 )
 from pipeline.vlm.inputs import image_token_pixels
+from pipeline.vlm.loading import for_inference
 from trainer.data import EvalExample, eval_examples, load_table
 from trainer.models import resolve_dtype
 
@@ -146,7 +147,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     model, processor = load_model_and_processor(config.model, dtype=resolve_dtype(dtype))
-    model = model.to(device).eval()
+    model = for_inference(model).to(device).eval()
     source = "given"
     if image_token_pixels(processor) is None:  # fixed tokens per image: no budget applies
         config, source = replace(config, max_pixels=None), "fixed image tokens"

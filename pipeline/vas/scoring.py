@@ -22,7 +22,7 @@ from pipeline.paper import DEFAULT_SYSTEM_PROMPT
 from pipeline.vas import DEFAULT_EPS, ScoreError, VASConfig, VASItem
 from pipeline.vlm import adapter_for, build_inputs, compute_spans, load_model_and_processor
 from pipeline.vlm.inputs import check_max_pixels, image_token_pixels, with_system_prompt
-from pipeline.vlm.loading import has_random_weights
+from pipeline.vlm.loading import for_inference, has_random_weights
 
 
 def load_scoring_model(config: VASConfig):
@@ -32,7 +32,7 @@ def load_scoring_model(config: VASConfig):
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model, processor = load_model_and_processor(config.model, dtype=getattr(torch, dtype), attn_implementation="sdpa")
-    return model.to(device).eval(), processor
+    return for_inference(model).to(device).eval(), processor
 
 
 

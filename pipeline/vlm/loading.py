@@ -61,6 +61,18 @@ def load_model_and_processor(name_or_path: str | Path, dtype: str | torch.dtype 
 
 
 
+def for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with MoE router logits off. A checkpoint trained by TRL keeps
+    ``output_router_logits: true`` in its config (for the load-balancing loss); at inference the
+    loss is not wanted, and transformers' Qwen3-VL-MoE computes it wrongly during cached
+    generation with padding (a shape error), so scoring and evaluation turn it off."""
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    for config in configs:
+        if config is not None and getattr(config, "output_router_logits", False):
+            config.output_router_logits = False
+    return model
+
+
 def load_processor(name_or_path: str | Path, **kwargs: Any) -> ProcessorMixin:
     """The processor of a checkpoint, with its family's chat template (generation markers).
 
