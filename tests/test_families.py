@@ -406,3 +406,15 @@ def test_eval_and_vas_on_a_moe_checkpoint_trained_with_router_logits(tmp_path):
     report = evaluation.main(["--model", str(checkpoint), "--data", str(tmp_path / "bench"), "--split", "train",
                               "--max-new-tokens", "4", "--batch-size", "3", "--output", str(tmp_path / "r.json")])
     assert report["n"] == 3 and report["vas"]["n_scored"] == 3 and report["model_family"] == "qwen3_vl"
+
+
+def test_a_model_type_without_an_adapter_is_refused_naming_the_supported_ones(tmp_path, capsys):
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(SystemExit) as exit_info:
+        vas_main(["--model", str(tmp_path / "llava"), "--data", str(tmp_path), "--out", str(tmp_path / "s.parquet")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model_type 'llava'" in err and "'gemma3', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe'" in err
+    with pytest.raises(ValueError, match="no VLM adapter for model_type 'llava'; supported model types"):
+        adapter_for("llava")

@@ -53,6 +53,24 @@ def read_records(path: str) -> Iterable[dict]:
 
 
 
+def _unsupported_model(model: str) -> str | None:
+    """Why ``model`` (a local checkpoint) cannot be scored, before any data is read; None when
+    it can, or when only loading it will tell (a Hub id)."""
+    from pathlib import Path
+
+    from pipeline.vlm import adapter_for, resolve_model_name
+
+    path = Path(resolve_model_name(model))
+    if not (path / "config.json").is_file():
+        return None
+    import json
+    try:
+        adapter_for(json.loads((path / "config.json").read_text()).get("model_type"))
+    except ValueError as err:
+        return f"--model {model}: {err}"
+    return None
+
+
 def _user_text(messages) -> str | None:
     """The first user turn's text of a ``messages`` cell (rows without a question column)."""
     for message in messages or []:
@@ -94,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
+    unsupported = _unsupported_model(args.model)
+    if unsupported:
+        parser.error(unsupported)
     config = VASConfig(model=args.model, queries=args.queries, layers=args.layers, batch_size=args.batch_size,
                        max_pixels=args.max_pixels, device=args.device, dtype=args.dtype,
                        system_prompt=args.system_prompt)

@@ -110,6 +110,7 @@ def adapter_for(obj: Any) -> VLMAdapter:
     if model_type is None:
         model_type = _PROCESSOR_TYPES.get(type(obj).__name__)
     if model_type not in ADAPTERS:
-        raise ValueError(f"no VLM adapter for {type(obj).__name__} (model_type {model_type!r}); "
+        what = "" if isinstance(obj, str) else f"{type(obj).__name__} "
+        raise ValueError(f"no VLM adapter for {what}model_type {model_type!r}; "
                          f"supported model types: {supported_model_types()}")
     return ADAPTERS[model_type]
