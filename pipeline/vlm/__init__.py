@@ -1,11 +1,14 @@
 """Vision-language models: processors, per-family adapters, batched inputs, spans, tiny models.
 
-- :mod:`~pipeline.vlm.loading`: :func:`load_model_and_processor` for a hub id, a folder or
-  ``tiny`` (the random-weight test model of :mod:`~pipeline.vlm.tiny`, built offline);
-- :mod:`~pipeline.vlm.processing`: processors (image-only without torchvision) and chat
+- :mod:`~pipeline.vlm.loading`: :func:`load_model_and_processor` for a hub id, a folder or a
+  tiny alias (``tiny``, ``tiny-qwen3-vl``, ``tiny-qwen3-vl-moe``, ``tiny-gemma3``: random-weight
+  test models of :mod:`~pipeline.vlm.tiny`, built offline);
+- :mod:`~pipeline.vlm.processing`: processors (image-only Qwen-VL without torchvision) and chat
   templates with generation markers;
-- :mod:`~pipeline.vlm.adapters`: what is family-specific, found by ``model_type``;
-- :mod:`~pipeline.vlm.inputs`: :func:`build_inputs`, conversations + images -> a padded batch;
+- :mod:`~pipeline.vlm.adapters`: what is family-specific (Qwen2/2.5-VL, Qwen3-VL dense and MoE,
+  Gemma 3), found by ``model_type``;
+- :mod:`~pipeline.vlm.inputs`: :func:`build_inputs`, conversations + images -> a padded batch,
+  and the explicit system turn (:func:`~pipeline.vlm.inputs.with_system_prompt`);
 - :mod:`~pipeline.vlm.spans`: the S / I / U / R token spans, from token ids only.
 """
 
