@@ -45,7 +45,8 @@ def model_fingerprint(model: str) -> str:
 def cache_key(model: str, config: EvalConfig) -> str:
     probe = {"data": config.data, "split": config.split, "max_samples": config.max_samples,
              "max_pixels": config.max_pixels, "max_new_tokens": config.max_new_tokens,
-             "vas_layers": config.vas_layers, "format_hint": config.format_hint}
+             "vas_layers": config.vas_layers, "format_hint": config.format_hint,
+             "system_prompt": config.system_prompt}
     blob = json.dumps({"model": model_fingerprint(model), "probe": probe}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
