@@ -240,6 +240,8 @@ def test_vas_cli_on_a_published_folder(alias, tmp_path, capsys):
     assert scores["status"].to_list() == ["ok"] * 4
     assert (scores["raw"] > 0).all() and (scores["n_system_tokens"] > 0).all()
     assert set(scores["system_prompt"]) == {DEFAULT_SYSTEM_PROMPT} and scores["random_weights"].all()
+    fixed_tokens = alias == "tiny-gemma3"  # no pixel budget applies, none is recorded
+    assert scores["max_pixels"].is_null().all() if fixed_tokens else (scores["max_pixels"] == 32 * 32 * 16).all()
     assert "VAS (response) over 4 samples" in capsys.readouterr().out
 
 
@@ -418,3 +420,18 @@ def test_a_model_type_without_an_adapter_is_refused_naming_the_supported_ones(tm
     assert "model_type 'llava'" in err and "'gemma3', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe'" in err
     with pytest.raises(ValueError, match="no VLM adapter for model_type 'llava'; supported model types"):
         adapter_for("llava")
+
+
+def test_the_synthesis_run_accepts_every_tiny_alias_and_refuses_unsupported_folders(tmp_path):
+    from pipeline.configio import ConfigError
+    from pipeline.vas import VASConfig
+    from pipeline.vas.stage import VASStage
+
+    for alias in ("tiny", *FAMILIES):
+        VASStage(VASConfig(model=alias)).preflight()  # before any teacher is paid
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ConfigError, match="model_type 'llava'; supported model types"):
+        VASStage(VASConfig(model=str(tmp_path / "llava"))).preflight()
+    with pytest.raises(ConfigError, match="neither a folder nor a Hub id"):
+        VASStage(VASConfig(model="tiny-llava")).preflight()

@@ -69,7 +69,9 @@ def score_items(model, processor, items: Sequence[VASItem], config: VASConfig,
     results: list[dict | ScoreError | None] = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: -_length_estimate(items[i], config.max_pixels, token_pixels))
     batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    base = {"model": model_name or config.model, "queries": config.queries, "max_pixels": config.max_pixels,
+    # a processor with fixed tokens per image applies no pixel budget: record none
+    max_pixels = config.max_pixels if token_pixels is not None else None
+    base = {"model": model_name or config.model, "queries": config.queries, "max_pixels": max_pixels,
             "layers": list(lens.layers), "random_weights": has_random_weights(config.model),
             "system_prompt": config.system_prompt}
     bar = tqdm(total=len(items), desc=f"VAS ({config.queries})", unit="sample", disable=not config.progress)

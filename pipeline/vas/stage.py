@@ -32,10 +32,18 @@ class VASStage:
         self.model, self.processor = model, processor
 
     def preflight(self) -> None:
-        """The reference model can be found before any teacher is paid: ``tiny``, a local
-        folder, or a Hub id (in the local cache when ``HF_HUB_OFFLINE`` is set)."""
+        """The reference model can be found before any teacher is paid: a tiny alias, a local
+        folder of a supported family, or a Hub id (in the local cache when ``HF_HUB_OFFLINE``
+        is set)."""
         model = self.config.model
-        if self.model is not None or model == "tiny" or Path(model).is_dir():
+        if self.model is not None:
+            return
+        from pipeline.vlm.tiny import TINY_ALIASES  # torch: only when a run is checked
+
+        if model in TINY_ALIASES:
+            return
+        if Path(model).is_dir():
+            self._check_family(Path(model))
             return
         if Path(model).expanduser().is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
             raise ConfigError(f"vas.model: {model!r} is neither a folder nor a Hub id (org/name)")
@@ -45,6 +53,20 @@ class VASStage:
             if not isinstance(try_to_load_from_cache(model, "config.json"), str):
                 raise ConfigError(f"vas.model: {model!r} is not in the local Hugging Face cache and "
                                  "HF_HUB_OFFLINE is set; download it first or point vas.model at a folder")
+
+    @staticmethod
+    def _check_family(folder: Path) -> None:
+        import json
+
+        from pipeline.vlm import adapter_for
+
+        config = folder / "config.json"
+        if not config.is_file():
+            return  # loading will say what is missing
+        try:
+            adapter_for(json.loads(config.read_text()).get("model_type"))
+        except ValueError as err:
+            raise ConfigError(f"vas.model: {folder}: {err}") from None
 
     def run(self, batch: list[dict]) -> list[dict | Reject]:
         from pipeline.vas.scoring import (  # torch: loaded on first use
