@@ -97,3 +97,26 @@ def test_the_base_install_is_a_training_environment_without_prefect():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_an_uninstalled_checkout_reads_prompts_and_schemas_where_they_are(tmp_path):
+    """A machine with its own torch/transformers runs ``python -m bench.gpu`` from a copy of the
+    checkout without installing it: no package-dir mapping, so the folders are read in place."""
+    copy = tmp_path / "checkout"
+    shutil.copytree(REPO / "pipeline", copy / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for rel in ("prompts", "schemas"):
+        shutil.copytree(REPO / rel, copy / rel)
+    code = ("from pipeline.resources import prompts_dir, schemas_dir\n"
+            "print(prompts_dir()); print(schemas_dir())\n"
+            "print(len(list(prompts_dir().glob('*.j2'))), len(list(schemas_dir().glob('*.json'))))")
+    # -S: no site-packages .pth files, so the editable install's import hook is not there
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=copy, capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    prompts, schemas, counts = out.stdout.splitlines()
+    assert (Path(prompts), Path(schemas)) == (copy / "prompts", copy / "schemas")
+    assert counts == f"{len(list((REPO / 'prompts').glob('*.j2')))} {len(list((REPO / 'schemas').glob('*.json')))}"
+    (copy / "prompts").rename(copy / "elsewhere")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=copy, capture_output=True, text=True,
+                         check=False)
+    assert out.returncode != 0 and "not installed and no prompts/ folder" in out.stderr
