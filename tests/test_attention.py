@@ -243,3 +243,41 @@ def test_cuda_kernel_bias_is_the_mask_broadcast_over_heads_with_aligned_rows():
     assert torch.equal(bias, mask.expand(2, 4, 5, 21))
     assert bias.stride(-2) % 16 == 0 and bias.stride(1) == 0  # rows padded to 16 keys, heads shared
     assert _aligned_bias(None, query) is None
+
+
+@pytest.mark.parametrize("kernel_lse", [True, False])
+def test_what_the_layers_share_is_built_once_per_forward(kernel_lse, monkeypatch):
+    """Building the key layout reads counts back from the device (a GPU stall): once per capture,
+    not once per layer; the masses stay those of eager attention."""
+    from pipeline.lens import capture as capture_module
+    from pipeline.lens.mass import KeyLayout
+
+    model, eager, processor = tiny_models()
+    inputs, spans = chat_batch(processor, "left")
+    compactions = []
+    real_of = KeyLayout.of
+    monkeypatch.setattr(capture_module.KeyLayout, "of",
+                        classmethod(lambda cls, sets: compactions.append(sets.shape) or real_of(sets)))
+    with torch.no_grad(), AttentionLens(model, kernel_lse=kernel_lse).capture(spans.response, spans.image,
+                                                                              spans.system) as cap:
+        model(**inputs)
+    n_layers = model.config.text_config.num_hidden_layers
+    assert sorted(cap._by_layer) == list(range(n_layers)) and len(cap._layouts) == 1
+    assert len(compactions) == (1 if kernel_lse else 0)  # keys are compacted only where scored alone
+    assert_close(cap.dense("image"), eager_masses(eager, inputs, spans.response, spans.image, list(range(n_layers))))
+
+
+def test_float32_scores_are_the_float32_product_of_the_same_numbers():
+    from pipeline.lens.mass import float32_scores
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 7, 16, generator=gen).bfloat16()
+    k = torch.randn(2, 3, 11, 16, generator=gen).bfloat16()
+    expected = q.double() @ k.double().transpose(-1, -2)
+    got = float32_scores(q, k)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 7, 11)
+    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6)
+    if torch.cuda.is_available():  # the tensor-core path (bmm with float32 output)
+        got_cuda = float32_scores(q.cuda(), k.cuda())
+        assert got_cuda.dtype == torch.float32
+        assert torch.allclose(got_cuda.double().cpu(), expected, rtol=1e-6, atol=1e-6)

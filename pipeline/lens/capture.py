@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipeline.lens.mass import KeySetMass, Rows, compact, masses_from_lse
+from pipeline.lens.mass import KeyLayout, KeySetMass, Rows, compact, masses_from_lse
 from pipeline.lens.modules import (
     LENS_ATTR,
     decoder_attention_modules,
@@ -39,6 +39,7 @@ class Capture:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     kernel_lse: bool = True
     _by_layer: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _layouts: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
     @property
     def set_names(self) -> list[str]:
@@ -99,26 +100,36 @@ class Capture:
         if self.query_mask.shape != (batch, q_len):
             raise ValueError(f"query_mask has shape {tuple(self.query_mask.shape)} but layer "
                              f"{module.layer_idx} sees {batch} sequences of {q_len} tokens")
-        device = query.device
-        index, valid = self.query_index.to(device), self.query_valid.to(device)
-        positions = index + (kv_len - q_len)  # key-space position of each query row
         causal = getattr(module, "is_causal", True)
         # keys after the last selected query are masked under causal attention: skip them
-        k_end = kv_len
-        if causal and (attention_mask is not None or q_len > 1):
-            k_end = max(1, min(kv_len, int(positions.max()) + 1))
+        clip = causal and (attention_mask is not None or q_len > 1)
+        index, valid, positions, k_end, key_sets, layout = self._layout(query.device, q_len, kv_len, clip,
+                                                                        with_keys=lse is not None)
         spec = Rows(attention_mask, index, valid, upper_left_causal=attention_mask is None and q_len > 1 and causal)
         if patch is not None:
             spec.scaled = patch.rows(positions)
-            spec.key_factor = patch.key_factor(k_end, device, torch.float32)
-        key_sets = torch.stack([m.to(device)[:, :k_end] for m in self.key_masks.values()], dim=-1)
+            spec.key_factor = patch.key_factor(k_end, query.device, torch.float32)
         if lse is not None:
-            width = max(1, int(key_sets.any(-1).sum(1).max()))
-            chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * width))
-            return masses_from_lse(query, key, lse, key_sets, spec, scale, chunk_rows)
+            chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * layout.keys.shape[1]))
+            return masses_from_lse(query, key, lse, layout, spec, scale, chunk_rows)
         with_total = torch.cat([key_sets, torch.ones_like(key_sets[..., :1])], dim=-1)
         chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * k_end))
         return KeySetMass.apply(query, key[:, :, :k_end], with_total, spec, scale, chunk_rows)
+
+    def _layout(self, device, q_len: int, kv_len: int, clip: bool, with_keys: bool) -> tuple:
+        """What every layer of one forward pass shares (query rows, key end, key sets): built at
+        the first layer that asks, since building it reads values back from the device."""
+        cache_key = (str(device), q_len, kv_len, clip)
+        if cache_key not in self._layouts:
+            index, valid = self.query_index.to(device), self.query_valid.to(device)
+            positions = index + (kv_len - q_len)  # key-space position of each query row
+            k_end = max(1, min(kv_len, int(positions.max()) + 1)) if clip else kv_len
+            key_sets = torch.stack([m.to(device)[:, :k_end] for m in self.key_masks.values()], dim=-1)
+            self._layouts[cache_key] = [index, valid, positions, k_end, key_sets, None]
+        entry = self._layouts[cache_key]
+        if with_keys and entry[5] is None:
+            entry[5] = KeyLayout.of(entry[4])
+        return tuple(entry)
 
 
 class AttentionLens:

@@ -129,31 +129,71 @@ class KeySetMass(torch.autograd.Function):
         return grad_query.to(query_dtype), grad_k.to(key.dtype), None, None, None, None
 
 
-def masses_from_lse(query, key, lse, key_sets, spec: Rows, scale: float, chunk_rows: int):
+@dataclass
+class KeyLayout:
+    """The keys in any set, left-aligned per sample: what :func:`masses_from_lse` scores.
+
+    The same for every layer of one forward pass, so it is built once per capture (building it
+    reads a count back from the device, which would stall the GPU at every layer)."""
+
+    keys: torch.Tensor  # [B, K] key positions (padding slots 0)
+    valid: torch.Tensor  # [B, K] real slots
+    sets: torch.Tensor  # [B, K, n] float32 membership of each slot in each set
+
+    @classmethod
+    def of(cls, key_sets: torch.Tensor) -> KeyLayout:
+        keys, valid = compact(key_sets.any(dim=-1))
+        sets = key_sets.gather(1, keys[:, :, None].expand(-1, -1, key_sets.shape[-1])) & valid[..., None]
+        return cls(keys, valid, sets.float())
+
+
+def masses_from_lse(query, key, lse, layout: KeyLayout, spec: Rows, scale: float, chunk_rows: int):
     """No-grad masses from the kernel's row log-sum-exp: only the keys of the sets are scored,
     ``mass(q, A) = sum_{k in A} exp(s_qk - lse_q)``, so the cost is ``|Q| x |I u S|``."""
     batch, heads, _, head_dim = query.shape
     kv_heads, n_query = key.shape[1], spec.index.shape[1]
-    keys, key_valid = compact(key_sets.any(dim=-1))  # [B, K] positions of keys in any set
-    k_sel = key.gather(2, keys[:, None, :, None].expand(batch, kv_heads, keys.shape[1], head_dim)).float()
-    sets = (key_sets.gather(1, keys[:, :, None].expand(-1, -1, key_sets.shape[-1])) & key_valid[..., None]).float()
-    q_sel = query.gather(2, spec.index[:, None, :, None].expand(batch, heads, n_query, head_dim)).float() * scale
+    keys = layout.keys
+    k_sel = key.gather(2, keys[:, None, :, None].expand(batch, kv_heads, keys.shape[1], head_dim))
+    q_sel = query.gather(2, spec.index[:, None, :, None].expand(batch, heads, n_query, head_dim))
     q_sel = q_sel.view(batch, kv_heads, heads // kv_heads, n_query, head_dim)
     lse_sel = lse.gather(2, spec.index[:, None, :].expand(batch, heads, n_query)).view(q_sel.shape[:-1])
     finite = torch.isfinite(lse_sel)
     lse_sel = torch.where(finite, lse_sel, torch.zeros_like(lse_sel))
+    sets = layout.sets[:, None, None]
     masses = []
     for start in range(0, n_query, chunk_rows):
         rows = slice(start, start + chunk_rows)
         q_chunk = q_sel[:, :, :, rows]
         b, hkv, g, c, d = q_chunk.shape
-        scores = torch.matmul(q_chunk.reshape(b, hkv, g * c, d), k_sel.transpose(-1, -2)).view(b, hkv, g, c, -1)
-        probs = torch.exp(scores - lse_sel[:, :, :, rows, None])
+        scores = float32_scores(q_chunk.reshape(b, hkv, g * c, d), k_sel).view(b, hkv, g, c, -1)
+        probs = scores.mul_(scale).sub_(lse_sel[:, :, :, rows, None]).exp_()
         probs.masked_fill_(~spec.allowed(rows, keys)[:, None, None], 0.0)
-        masses.append(torch.matmul(probs, sets[:, None, None]))
+        masses.append(torch.matmul(probs, sets))
     mass = torch.cat(masses, dim=3) * finite[..., None]
     total = (finite & spec.valid[:, None, None, :]).to(mass.dtype)[..., None]  # a softmax row sums to 1
     return torch.cat([mass, total], dim=-1).reshape(batch, heads, n_query, -1)
+
+
+_HALF_MATMUL_TO_FLOAT32 = True  # cleared when this torch has no bmm(..., out_dtype=) on CUDA
+
+
+def float32_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q @ k^T`` ``[B, H, c, K]`` in float32, unscaled, as the attention kernels compute it.
+
+    Half-precision CUDA inputs go through the tensor cores with float32 accumulation and output
+    (``bmm(..., out_dtype=float32)``): products of half values are exact in float32, so this is
+    the float32 product of the same numbers, several times faster than upcasting first. Elsewhere
+    the inputs are upcast to float32.
+    """
+    global _HALF_MATMUL_TO_FLOAT32
+    if _HALF_MATMUL_TO_FLOAT32 and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype:
+        b, h, c, d = q.shape
+        try:
+            return torch.bmm(q.reshape(b * h, c, d), k.reshape(b * h, -1, d).transpose(1, 2),
+                             out_dtype=torch.float32).view(b, h, c, -1)
+        except (RuntimeError, TypeError):  # older torch: no out_dtype overload of bmm
+            _HALF_MATMUL_TO_FLOAT32 = False
+    return torch.matmul(q.float(), k.float().transpose(-1, -2))
 
 
 def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
