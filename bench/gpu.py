@@ -3,18 +3,24 @@
 Random weights throughout (nothing is downloaded), one CUDA GPU:
 
     python -m bench.gpu --out gpu.json             # Qwen2.5-VL-7B shape, about 3 minutes on one H100/H200
-    python -m bench.gpu --family qwen3_vl --out gpu-qwen3.json      # Qwen3-VL-8B shape
+    python -m bench.gpu --family qwen3_vl --out gpu-qwen3.json      # Qwen3-VL-8B shape, ~100 s on an H200
     python -m bench.gpu --family gemma3 --out gpu-gemma3.json       # Gemma-3-4B shape
     python -m bench.gpu --shape small --device cpu # a smoke run of the same code on a laptop
+
+It needs torch and transformers, not an install of this project: from a copy of the checkout,
+``PYTHONPATH=. python -m bench.gpu ...`` runs on a GPU machine's own environment (the
+2026-12-04 rows ran so, with transformers 5.25.0 and huggingface_hub 2.4.0 carried as wheels).
 
 ``--family`` picks the tiny model of the exactness checks and the architecture of the shaped
 model (``--shape full``: the real model's config.json sizes; ``7b`` is kept as the Qwen2.5-VL name).
 
-1. **Exactness on CUDA** (the tiny test model, batch of 3 with left padding, two images in one
-   sample): lens masses against eager ``output_attentions=True`` in float32 (max relative error,
-   whole-row path, the one CUDA runs), in bfloat16 under ``no_grad`` against float32 eager
-   (max absolute error), and the parameter gradients of an AGTO-like loss through the lens
-   against autograd through the eager maps (max relative error over all parameters).
+1. **Exactness on CUDA** (``bench/_gpu_exactness.py``): on the tiny test model (batch of 3
+   with left padding, two images in one sample), lens masses against eager
+   ``output_attentions=True`` in float32 and bfloat16, and the parameter gradients of an
+   AGTO-like loss through the lens against autograd through the eager maps; at the real shape
+   (``shape_exactness``: the random-weight shaped model, one sample of ``--exact-length``
+   tokens, queries U and R), the lens' own error in float32 and bfloat16 apart from the
+   bfloat16 forward's drift.
 2. **VAS forward** at 7B shape (bf16, ``no_grad``, batch 1, one 896x896 image = 1,024 image
    tokens): plain SDPA forward (no statistics), eager ``output_attentions=True`` plus the
    image/system sums, the lens with queries U (model-level VAS) and R (response VAS, the VARS
@@ -23,7 +29,8 @@ model (``--shape full``: the real model's config.json sizes; ``7b`` is kept as t
    update, since AdamW state for 8.3B parameters plus the reference's maps would not fit one
    GPU): plain LM loss vs AGTO (lens) vs the reference code's way (eager maps).
 
-Out of memory is reported as such in a row, never as a crash of the run.
+Out of memory is reported as such in a row, never as a crash of the run. ``--profile`` adds a
+table of the top CUDA kernels of one lens-R forward at the longest VAS length.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench._gpu_exactness import shape_exactness, spans_to, tiny_exactness, to_device
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,105 +114,6 @@ def _peak_mib(device, base):
     return (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
 
 
-def _to(inputs, device, dtype=None):
-    return {k: (v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device))
-            for k, v in inputs.items()}
-
-
-def _spans_to(spans, device):
-    return {name: getattr(spans, name).to(device) for name in ("system", "image", "user", "response")}
-
-
-def _rel(got, ref) -> float:
-    return float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
-
-
-# ---------------------------------------------------------------- 1. exactness on the device
-
-
-def exactness(device, family: str = "qwen2_5_vl") -> dict:
-    import warnings
-
-    import torch
-
-    from pipeline.lens import AttentionLens
-    from pipeline.lens import modules as attention  # where the lens looks sdpa_with_lse up
-    from pipeline.vlm import load_model_and_processor, resolve_model_name
-    from tests.support.lens import SAMPLES, chat_batch
-
-    path = resolve_model_name(TINY_OF[family])
-    model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation="sdpa")
-    eager, _ = load_model_and_processor(path, dtype=torch.float32, attn_implementation="eager")
-    model, eager = model.to(device).eval(), eager.to(device).eval()
-    kernels: list[str] = []
-    with_lse = attention.sdpa_with_lse
-
-    def spy(module, query, key, value, mask, scale):  # which kernel gave the log-sum-exp
-        half = query.dtype != torch.float32 and query.shape[-1] <= 256
-        kernels.append("cpu flash" if query.device.type == "cpu" else "flash" if mask is None and half else "efficient")
-        return with_lse(module, query, key, value, mask, scale)
-
-    attention.sdpa_with_lse = spy
-    out: dict = {}
-
-    def case(name, samples, dtype, kernel_lse):
-        cpu_inputs, cpu_spans = chat_batch(processor, "left", samples=samples)
-        inputs, spans = _to(cpu_inputs, device), _spans_to(cpu_spans, device)
-        query, image, system = spans["response"], spans["image"], spans["system"]
-        attn = torch.stack(list(eager(**inputs, output_attentions=True).attentions))
-        refs = {"image": (attn * image[None, :, None, None, :]).sum(-1) * query[None, :, None, :],
-                "system": (attn * system[None, :, None, None, :]).sum(-1) * query[None, :, None, :]}
-        kernels.clear()
-        model.to(dtype)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with AttentionLens(model, kernel_lse=kernel_lse).capture(query, image, system) as cap:
-                model(**_to(cpu_inputs, device, dtype))
-        model.to(torch.float32)
-        out[name] = {"padded": bool((inputs["attention_mask"] == 0).any()),
-                     "kernels": sorted(set(kernels)) or ["whole rows"],
-                     "fallback_warnings": len(caught),
-                     **{f"{key}_rel_err": _rel(cap.dense(key), ref) for key, ref in refs.items()},
-                     **{f"{key}_abs_err": float((cap.dense(key) - ref).abs().max()) for key, ref in refs.items()}}
-
-    try:
-        with torch.no_grad():
-            case("float32 padded, whole rows", SAMPLES, torch.float32, False)
-            case("float32 padded, kernel lse", SAMPLES, torch.float32, True)
-            case("bfloat16 padded, kernel lse", SAMPLES, torch.bfloat16, True)
-            case("bfloat16 one sample, kernel lse", SAMPLES[2:], torch.bfloat16, True)
-    finally:
-        attention.sdpa_with_lse = with_lse
-
-    cpu_inputs, cpu_spans = chat_batch(processor, "left")
-    inputs, spans = _to(cpu_inputs, device), _spans_to(cpu_spans, device)
-    query, image, system = spans["response"], spans["image"], spans["system"]
-
-    def eager_maps():
-        attn = torch.stack(list(eager(**inputs, output_attentions=True).attentions))
-        return ((attn * image[None, :, None, None, :]).sum(-1) * query[None, :, None, :],
-                (attn * system[None, :, None, None, :]).sum(-1) * query[None, :, None, :])
-
-    def loss(img, sys_):
-        valid = query[None, :, None, :].expand_as(img)
-        return -(img[valid] + 1e-6).log().mean() + (sys_[valid] + 1e-6).log().mean()
-
-    eager.zero_grad()
-    loss(*eager_maps()).backward()
-    model.zero_grad()
-    with AttentionLens(model).capture(query, image, system) as cap:
-        model(**inputs)
-    loss(cap.dense("image"), cap.dense("system")).backward()
-    expected = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
-    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    out["gradient_params"] = len(got)
-    out["gradient_same_params"] = set(got) == set(expected)
-    out["gradient_rel_err_max_per_param"] = max(_rel(got[n], expected[n]) for n in expected if expected[n].abs().max() > 0)
-    diff = torch.cat([(got[n] - expected[n]).flatten() for n in expected])
-    out["gradient_rel_err_global_l2"] = float(diff.norm() / torch.cat([g.flatten() for g in expected.values()]).norm())
-    return out
-
-
 # ---------------------------------------------------------------- 2./3. the 7B-shaped model
 
 
@@ -261,7 +171,7 @@ def make_inputs(processor, length: int, device):
     inputs, spans = _bench_trainer().make_batch(processor, length, batch=1, image_side=IMAGE_SIDE,
                                                 question="Find the angle at A.",
                                                 system="You are a careful visual reasoner.")
-    return _to(inputs, device), _spans_to(spans, device)
+    return to_device(inputs, device), spans_to(spans, device)
 
 
 def _timed(fn, device, repeats: int) -> tuple[float, float]:
@@ -284,10 +194,10 @@ def _timed(fn, device, repeats: int) -> tuple[float, float]:
         return float("nan"), float("inf")
 
 
-def vas_forward(model, processor, device, lengths, repeats) -> list[dict]:
-    from pipeline.lens import AttentionLens
+def vas_forward(model, processor, device, lengths, repeats, chunk_mib: int | None = None) -> list[dict]:
+    from pipeline.lens import DEFAULT_CHUNK_BYTES, AttentionLens
 
-    lens = AttentionLens(model)
+    lens = AttentionLens(model, chunk_bytes=chunk_mib * 2**20 if chunk_mib else DEFAULT_CHUNK_BYTES)
     rows = [row for length in lengths for row in _vas_at(model, lens, processor, device, length, repeats)]
     model.set_attn_implementation("sdpa")
     return rows
@@ -326,6 +236,33 @@ def _vas_at(model, lens, processor, device, length, repeats) -> list[dict]:
                          "n_response": int(spans["response"].sum())})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def profile_lens(model, processor, device, length: int, rows: int = 15) -> list[str]:
+    """torch.profiler's table (top ``rows`` by device time) of one lens-R forward after a warm-up."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.lens import AttentionLens
+
+    lens = AttentionLens(model)
+    inputs, spans = make_inputs(processor, length, device)
+    inputs.pop("labels")
+
+    def run():
+        with lens.capture(spans["response"], spans["image"], spans["system"]) as cap:
+            model(**inputs, logits_to_keep=1)
+        return cap.masses
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        run()
+        _sync(device)
+        with profile(activities=activities) as prof:
+            run()
+            _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60).splitlines()
 
 
 def train_step(model, processor, device, lengths, repeats) -> list[dict]:
@@ -385,7 +322,13 @@ def main() -> int:
     parser.add_argument("--vas-lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["exactness", "vas", "train"])
+    parser.add_argument("--exact-length", type=int, default=2048,
+                        help="tokens of the sample of the exactness check at the real shape")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["exactness", "shape_exactness", "vas", "train"])
+    parser.add_argument("--chunk-mib", type=int, default=None,
+                        help="the lens' chunk budget in the VAS forward (default: the lens default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="top CUDA kernels of one lens-R forward at the longest VAS length")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -399,19 +342,35 @@ def main() -> int:
             args.out.write_text(json.dumps(report, indent=2))
 
     if "exactness" not in args.skip:
-        report["exactness"] = exactness(device, args.family)
+        report["exactness"] = tiny_exactness(device, TINY_OF[args.family])
         print(json.dumps(report["exactness"]), flush=True)
         save()
-    if "vas" in args.skip and "train" in args.skip:
+    if {"shape_exactness", "vas", "train"} <= set(args.skip):
         return 0
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.shape == "7b" and args.family != "qwen2_5_vl":
         parser.error("--shape 7b names the Qwen2.5-VL shape; use --shape full")
-    model, processor, n_params = build_shaped_model(args.family, args.shape, device, dtype)
+    at_shape = "shape_exactness" not in args.skip
+    model, processor, n_params = build_shaped_model(args.family, args.shape, device,
+                                                    torch.float32 if at_shape else dtype)
     report["parameters"] = n_params
+    if at_shape:
+        inputs, spans = make_inputs(processor, args.exact_length, device)
+        inputs.pop("labels")
+        report["shape_exactness"] = shape_exactness(model, inputs, spans)
+        del inputs, spans
+        _peak_reset(device)
+        print(json.dumps(report["shape_exactness"]), flush=True)
+        save()
+    model.to(dtype)
     report["weights_mib"] = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
     if "vas" not in args.skip:
-        report["vas_forward"] = vas_forward(model, processor, device, args.vas_lengths, args.repeats)
+        report["chunk_mib"] = args.chunk_mib
+        report["vas_forward"] = vas_forward(model, processor, device, args.vas_lengths, args.repeats, args.chunk_mib)
+        save()
+    if args.profile:
+        report["profile_lens_r"] = profile_lens(model, processor, device, max(args.vas_lengths))
+        print("\n".join(report["profile_lens_r"]), flush=True)
         save()
     if "train" not in args.skip:
         model.requires_grad_(True)
