@@ -39,7 +39,7 @@ class Capture:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     kernel_lse: bool = True
     _by_layer: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-    _layouts: dict[tuple, tuple] = field(default_factory=dict, repr=False)
+    _layouts: dict[tuple, SharedLayout] = field(default_factory=dict, repr=False)
 
     @property
     def set_names(self) -> list[str]:
@@ -101,35 +101,57 @@ class Capture:
             raise ValueError(f"query_mask has shape {tuple(self.query_mask.shape)} but layer "
                              f"{module.layer_idx} sees {batch} sequences of {q_len} tokens")
         causal = getattr(module, "is_causal", True)
-        # keys after the last selected query are masked under causal attention: skip them
         clip = causal and (attention_mask is not None or q_len > 1)
-        index, valid, positions, k_end, key_sets, layout = self._layout(query.device, q_len, kv_len, clip,
-                                                                        with_keys=lse is not None)
-        spec = Rows(attention_mask, index, valid, upper_left_causal=attention_mask is None and q_len > 1 and causal)
+        shared = self._shared(query.device, q_len, kv_len, clip)
+        spec = Rows(attention_mask, shared.index, shared.valid,
+                    upper_left_causal=attention_mask is None and q_len > 1 and causal)
         if patch is not None:
-            spec.scaled = patch.rows(positions)
-            spec.key_factor = patch.key_factor(k_end, query.device, torch.float32)
+            spec.scaled = patch.rows(shared.positions)
+            spec.key_factor = patch.key_factor(shared.k_end, query.device, torch.float32)
         if lse is not None:
+            layout = shared.key_layout
             chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * layout.keys.shape[1]))
             return masses_from_lse(query, key, lse, layout, spec, scale, chunk_rows)
-        with_total = torch.cat([key_sets, torch.ones_like(key_sets[..., :1])], dim=-1)
-        chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * k_end))
-        return KeySetMass.apply(query, key[:, :, :k_end], with_total, spec, scale, chunk_rows)
+        with_total = torch.cat([shared.key_sets, torch.ones_like(shared.key_sets[..., :1])], dim=-1)
+        chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * shared.k_end))
+        return KeySetMass.apply(query, key[:, :, :shared.k_end], with_total, spec, scale, chunk_rows)
 
-    def _layout(self, device, q_len: int, kv_len: int, clip: bool, with_keys: bool) -> tuple:
-        """What every layer of one forward pass shares (query rows, key end, key sets): built at
-        the first layer that asks, since building it reads values back from the device."""
+    def _shared(self, device, q_len: int, kv_len: int, clip: bool) -> SharedLayout:
         cache_key = (str(device), q_len, kv_len, clip)
         if cache_key not in self._layouts:
-            index, valid = self.query_index.to(device), self.query_valid.to(device)
-            positions = index + (kv_len - q_len)  # key-space position of each query row
-            k_end = max(1, min(kv_len, int(positions.max()) + 1)) if clip else kv_len
-            key_sets = torch.stack([m.to(device)[:, :k_end] for m in self.key_masks.values()], dim=-1)
-            self._layouts[cache_key] = [index, valid, positions, k_end, key_sets, None]
-        entry = self._layouts[cache_key]
-        if with_keys and entry[5] is None:
-            entry[5] = KeyLayout.of(entry[4])
-        return tuple(entry)
+            self._layouts[cache_key] = SharedLayout.build(self, device, q_len, kv_len, clip)
+        return self._layouts[cache_key]
+
+
+@dataclass
+class SharedLayout:
+    """What every layer of one forward pass shares: the query rows, the end of the keys they can
+    see, the key sets and (for the kernel path) their compacted layout. Built once per capture
+    at the first layer, because building it reads values back from the device, which stalls a
+    GPU: done at every layer, it made a Qwen3-VL-8B VAS forward at 2k tokens 1.48x a plain
+    one instead of 1.10x (user queries; BENCHMARKS.md)."""
+
+    index: torch.Tensor  # [B, Q] query rows
+    valid: torch.Tensor  # [B, Q]
+    positions: torch.Tensor  # [B, Q] key-space position of each query row
+    k_end: int  # keys at and after k_end are never attended by the selected rows
+    key_sets: torch.Tensor  # [B, k_end, n] bool
+    _key_layout: KeyLayout | None = None
+
+    @classmethod
+    def build(cls, capture: Capture, device, q_len: int, kv_len: int, clip: bool) -> SharedLayout:
+        index, valid = capture.query_index.to(device), capture.query_valid.to(device)
+        positions = index + (kv_len - q_len)
+        # under causal attention keys after the last selected query are masked: skip them
+        k_end = max(1, min(kv_len, int(positions.max()) + 1)) if clip else kv_len
+        key_sets = torch.stack([m.to(device)[:, :k_end] for m in capture.key_masks.values()], dim=-1)
+        return cls(index, valid, positions, k_end, key_sets)
+
+    @property
+    def key_layout(self) -> KeyLayout:
+        if self._key_layout is None:
+            self._key_layout = KeyLayout.of(self.key_sets)
+        return self._key_layout
 
 
 class AttentionLens:
