@@ -188,6 +188,7 @@ def test_card_has_column_statistics_and_one_sample_per_split(carded):
     for _, body in samples:
         record = json.loads(body)
         assert record["images"][0]["width"] and "bytes" not in record["images"][0]
+        assert record["stages"] and not re.search(r'"(created|updated|finished)_at"', body)  # run times
     assert "Answer types: " in text
 
 

@@ -27,12 +27,26 @@ def _clip(value, limit: int = MAX_SAMPLE_CHARS):
     return value
 
 
+RUN_TIME_KEYS = frozenset({"created_at", "updated_at", "finished_at"})
+"""When this run did the work, not what the sample is: left out of the card, so that the same data
+gives the same card bytes (the card is committed; a fresh ``make demo`` must not change it)."""
+
+
+def _without_run_times(value):
+    if isinstance(value, dict):
+        return {k: _without_run_times(v) for k, v in value.items() if k not in RUN_TIME_KEYS}
+    if isinstance(value, list):
+        return [_without_run_times(v) for v in value]
+    return value
+
+
 def sample_view(record: dict) -> dict:
-    """The record as the card shows it: image bytes replaced by their size and hash, long text cut."""
+    """The record as the card shows it: image bytes replaced by their size and hash, long text cut,
+    run timestamps left out."""
     view = {k: v for k, v in record.items() if k != "images"}
     view["images"] = [{"width": im.get("width"), "height": im.get("height"),
                        "sha256": str(im.get("sha256", ""))[:16]} for im in record.get("images") or []]
-    return _clip(view)
+    return _clip(_without_run_times(view))
 
 
 class ColumnProfile:
