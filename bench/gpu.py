@@ -332,6 +332,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # `make bench` on a CPU machine
+        print("bench.gpu: no CUDA device here, nothing measured "
+              "(`python -m bench.gpu --shape small --device cpu` runs the same code as a smoke test)")
+        return 0
     report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "family": args.family, "shape": args.shape}
     import transformers
