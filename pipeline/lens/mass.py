@@ -131,20 +131,17 @@ class KeySetMass(torch.autograd.Function):
 
 @dataclass
 class KeyLayout:
-    """The keys in any set, left-aligned per sample: what :func:`masses_from_lse` scores.
-
-    The same for every layer of one forward pass, so it is built once per capture (building it
-    reads a count back from the device, which would stall the GPU at every layer)."""
+    """The keys in any set, left-aligned per sample: what :func:`masses_from_lse` scores (built
+    once per forward pass, see :class:`pipeline.lens.capture.SharedLayout`)."""
 
     keys: torch.Tensor  # [B, K] key positions (padding slots 0)
-    valid: torch.Tensor  # [B, K] real slots
-    sets: torch.Tensor  # [B, K, n] float32 membership of each slot in each set
+    sets: torch.Tensor  # [B, K, n] float32 membership of each slot in each set (0 at padding slots)
 
     @classmethod
     def of(cls, key_sets: torch.Tensor) -> KeyLayout:
         keys, valid = compact(key_sets.any(dim=-1))
         sets = key_sets.gather(1, keys[:, :, None].expand(-1, -1, key_sets.shape[-1])) & valid[..., None]
-        return cls(keys, valid, sets.float())
+        return cls(keys, sets.float())
 
 
 def masses_from_lse(query, key, lse, layout: KeyLayout, spec: Rows, scale: float, chunk_rows: int):
