@@ -17,26 +17,19 @@ from pipeline.filtering.funnel import quantile_summary
 MAX_SAMPLE_CHARS = 600  # a long reasoning chain is cut in the card's sample record
 
 
-def _clip(value, limit: int = MAX_SAMPLE_CHARS):
-    if isinstance(value, str) and len(value) > limit:
-        return value[:limit] + f"... [{len(value) - limit} more characters]"
-    if isinstance(value, dict):
-        return {k: _clip(v, limit) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clip(v, limit) for v in value]
-    return value
-
-
 RUN_TIME_KEYS = frozenset({"created_at", "updated_at", "finished_at"})
 """When this run did the work, not what the sample is: left out of the card, so that the same data
 gives the same card bytes (the card is committed; a fresh ``make demo`` must not change it)."""
 
 
-def _without_run_times(value):
+def _card_value(value, limit: int = MAX_SAMPLE_CHARS):
+    """``value`` with long strings cut and run timestamps dropped, at any depth."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + f"... [{len(value) - limit} more characters]"
     if isinstance(value, dict):
-        return {k: _without_run_times(v) for k, v in value.items() if k not in RUN_TIME_KEYS}
+        return {k: _card_value(v, limit) for k, v in value.items() if k not in RUN_TIME_KEYS}
     if isinstance(value, list):
-        return [_without_run_times(v) for v in value]
+        return [_card_value(v, limit) for v in value]
     return value
 
 
@@ -46,7 +39,7 @@ def sample_view(record: dict) -> dict:
     view = {k: v for k, v in record.items() if k != "images"}
     view["images"] = [{"width": im.get("width"), "height": im.get("height"),
                        "sha256": str(im.get("sha256", ""))[:16]} for im in record.get("images") or []]
-    return _clip(_without_run_times(view))
+    return _card_value(view)
 
 
 class ColumnProfile:
