@@ -23,7 +23,7 @@ from pipeline.seeds.procedural import fmt_number
 
 @pytest.fixture(scope="module")
 def records():
-    return list(iter_seeds(SeedsConfig(n=240, seed=11)))
+    return list(iter_seeds(SeedsConfig(n=60 * len(FAMILIES), seed=11, families=list(FAMILIES))))
 
 
 def by_id(scene):
@@ -67,6 +67,18 @@ def recompute(scene: dict):
             else hyp["length"] ** 2 - min(known) ** 2
         )
         return math.sqrt(squares)
+    if scene["family"] == "shapes":  # read the answer off the shape elements
+        shapes = [e["attrs"] for e in scene["elements"] if e["kind"] == "shape"]
+        q = scene["query"]
+        if task == "count":
+            return len(shapes)
+        if task == "color_at":
+            return next(a["color"] for a in shapes if a["cell"] == q["cell"])
+        if task == "color_of":
+            [hit] = [a for a in shapes if a["shape"] == q["kind"]]
+            return hit["color"]
+        [hit] = [a for a in shapes if a["color"] == q["color"]]
+        return hit["shape"]
     if scene["family"] == "counting":
 
         def count(q):
@@ -169,6 +181,8 @@ def test_both_numeric_and_multiple_choice_problems_appear(records):
                 set(r["choices"])
             ) == len(r["choices"])
             assert "\nA. " in r["question"]
+        elif r["answer_type"] == "text":  # word answers (shapes: a colour or a kind) are never choices
+            assert r["choices"] is None and r["scene"]["family"] == "shapes" and r["gold_answer"].isalpha()
         else:
             assert r["choices"] is None and float(r["gold_answer"]) >= 0
 

@@ -7,7 +7,8 @@ from typing import Literal
 
 from pipeline.images import DEFAULT_MAX_SOURCE_PIXELS
 
-FAMILIES = ("geometry", "charts", "counting", "tables")
+FAMILIES = ("geometry", "charts", "counting", "tables", "shapes")
+DEFAULT_FAMILIES = ("geometry", "charts", "counting", "tables")
 SeedKind = Literal["procedural", "local", "hub"]
 AnswerTypeMode = Literal["auto", "number", "choice", "text", "expression"]
 
@@ -36,10 +37,11 @@ class SeedsConfig:
         },
     )
     families: list[str] = field(
-        default_factory=lambda: list(FAMILIES),
+        default_factory=lambda: list(DEFAULT_FAMILIES),
         metadata={
             "help": "Procedural: problem families, generated round-robin (geometry, charts, "
-            "counting, tables)."
+            "counting, tables; shapes: the simple scenes the learned reference model tiny-shapes "
+            "knows)."
         },
     )
     difficulty_min: int = field(

@@ -40,7 +40,8 @@ class Draft:
 
     image: Image.Image
     question: str
-    answer: float | int | str  # the exact value; for ``options`` problems, the correct option
+    answer: float | int | str  # the exact value; for ``options`` problems, the correct option;
+    # a str without options is a word answer (answer_type "text", never turned into choices)
     scene: dict
     options: list[str] | None = None  # problems that are inherently multiple choice
     wrong_values: list[float] = field(default_factory=list)  # plausible slips, for choices
@@ -172,14 +173,15 @@ def finalize(
 ) -> dict:
     """Turn a draft into a seed record (multiple choice for some numeric problems)."""
     question = draft.question
+    textual = isinstance(draft.answer, str) and draft.options is None  # a word, never a choice
     if draft.options is not None:
         choices = list(draft.options)
         gold = LETTERS[choices.index(str(draft.answer))]
-    elif rng.random() < choice_fraction:
+    elif not textual and rng.random() < choice_fraction:
         choices = _choice_values(draft, rng)
         gold = LETTERS[choices.index(fmt_number(draft.answer))]
     else:
-        choices, gold = None, fmt_number(draft.answer)
+        choices, gold = None, draft.answer if textual else fmt_number(draft.answer)
     if choices is not None:
         options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
         question = f"{question}\nChoices:\n{options}\nAnswer with the letter of the correct option."
@@ -199,7 +201,7 @@ def finalize(
         "images": [image_record(data)],
         "question": question,
         "gold_answer": gold,
-        "answer_type": "choice" if choices is not None else "number",
+        "answer_type": "choice" if choices is not None else "text" if textual else "number",
         "choices": choices,
         "source": source,
         "difficulty": difficulty,

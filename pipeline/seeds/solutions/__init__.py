@@ -15,7 +15,7 @@ import importlib
 from pipeline.seeds.procedural import fmt_number
 from pipeline.seeds.solutions.common import CLOSERS, OPENERS, Solution, Step, Voice
 
-FAMILIES = ("geometry", "charts", "counting", "tables")
+FAMILIES = ("geometry", "charts", "counting", "tables", "shapes")
 
 
 def _module(family: str):

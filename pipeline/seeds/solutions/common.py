@@ -42,7 +42,7 @@ CLOSERS = (
     "That gives {v} as the final answer.",
     "The result is {v}.",
 )
-VIEW = {"geometry": "figure", "charts": "chart", "counting": "picture", "tables": "table"}
+VIEW = {"geometry": "figure", "charts": "chart", "counting": "picture", "tables": "table", "shapes": "picture"}
 
 
 @dataclass
