@@ -20,10 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.atomic import write_json_atomic
 from pipeline.lens.budget import BUDGET_NAMES
+from pipeline.stats import pearson, spearman
 from trainer.eval import EvalConfig, evaluate
 
 PAPER_R = 0.9616  # SPEC: Pearson r of VAS and accuracy across the paper's models
@@ -67,29 +66,6 @@ def evaluate_cached(model: str, base: EvalConfig, cache_dir: Path) -> tuple[dict
     return summary, False
 
 
-def pearson(x: list[float], y: list[float]) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def _ranks(values: list[float]) -> np.ndarray:
-    """Average ranks (ties share the mean rank), as Spearman's r needs."""
-    data = np.asarray(values, float)
-    order = data.argsort(kind="stable")
-    ranks = np.empty(len(data))
-    ranks[order] = np.arange(len(data), dtype=float)
-    for value in np.unique(data):
-        tied = data == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    return pearson(list(_ranks(x)), list(_ranks(y)))
-
-
 def scatter_png(rows: list[dict], r: float, rho: float, path: Path) -> None:
     import matplotlib
 
@@ -129,13 +105,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="one image budget for every model (VAS grows with resolution); default: each checkpoint's own")
     parser.add_argument("--max-new-tokens", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--no-format-hint", action="store_true",
+                        help="ask the bare question (models trained without the <think>/<answer> instruction)")
     parser.add_argument("--out", required=True, help="folder for the table, plot and cache")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if len(args.models) < 2:
         parser.error("--models needs at least 2 models to correlate")
     out = Path(args.out)
     base = EvalConfig(model="", data=args.data, split=args.split, max_samples=args.max_samples,
-                      max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                      max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      format_hint=not args.no_format_hint)
     rows: list[dict] = []
     cached = 0
     for model in args.models:
