@@ -1,7 +1,7 @@
-"""Where the project's data files are: ``prompts/`` and ``schemas/`` of the repository.
+"""Where the project's data files are: ``prompts/``, ``schemas/`` and ``models/`` of the repository.
 
 They sit at the top of the repository (where people read and edit them) and ship inside the
-package as ``pipeline.resources.prompts`` / ``pipeline.resources.schemas`` (see the
+package as ``pipeline.resources.prompts`` / ``.schemas`` / ``.models`` (see the
 ``package-dir`` mapping in ``pyproject.toml``), so an editable install, a wheel and
 ``pip install .`` all find them the same way. A source checkout that was never installed
 (``python -m bench.gpu`` on a machine with its own torch and transformers, ``PYTHONPATH=.``) has

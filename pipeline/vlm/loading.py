@@ -16,20 +16,25 @@ from pipeline.vlm.processing import (
     install_generation_template,
     saved_processor_class,
 )
+from pipeline.vlm.reference import REFERENCE_ALIAS, read_manifest, reference_path, verify_reference
 from pipeline.vlm.spans import QWEN_CHAT
 
 TINY_ALIAS = "tiny"
 """Model name of the default random-weight test model (a tiny Qwen2.5-VL, :mod:`pipeline.vlm.tiny`),
-built on first use; ``tiny-qwen3-vl``, ``tiny-qwen3-vl-moe`` and ``tiny-gemma3`` name the others."""
+built on first use; ``tiny-qwen3-vl``, ``tiny-qwen3-vl-moe`` and ``tiny-gemma3`` name the others.
+``tiny-shapes`` is the learned one (:mod:`pipeline.vlm.reference`)."""
 
 
 def resolve_model_name(name_or_path: str | Path) -> str:
-    """A tiny alias (``tiny``, ``tiny-qwen3-vl``, ...) -> the built tiny model's folder; anything
-    else unchanged (the one place the aliases are resolved)."""
+    """A tiny alias (``tiny``, ``tiny-qwen3-vl``, ...) -> the built tiny model's folder; the
+    learned reference model's alias (``tiny-shapes``) -> its shipped folder, checked against
+    this code's recipe; anything else unchanged (the one place the aliases are resolved)."""
     from pipeline.vlm.tiny import TINY_ALIASES
     if str(name_or_path) in TINY_ALIASES:
         from pipeline.vlm.tiny import tiny_model_path
         return str(tiny_model_path(model_type=TINY_ALIASES[str(name_or_path)]))
+    if str(name_or_path) == REFERENCE_ALIAS:
+        return str(reference_path())
     return str(name_or_path)
 
 
@@ -52,6 +57,8 @@ def load_model_and_processor(name_or_path: str | Path, dtype: str | torch.dtype 
     ``attn_implementation="eager"`` is needed wherever attention probabilities are read.
     """
     name_or_path = resolve_model_name(name_or_path)
+    if read_manifest(name_or_path) is not None:  # a reference-model folder: never load other weights
+        verify_reference(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path)
     adapter = adapter_for(config)
     model = adapter.model_cls().from_pretrained(

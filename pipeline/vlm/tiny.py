@@ -68,13 +68,15 @@ def tiny_model_path(cache_dir: str | Path | None = None, model_type: str = "qwen
 def build_tiny_model(out_dir: str | Path, seed: int = 0, model_type: str = "qwen2_5_vl",
                      vocab_size: int = 4096, max_pixels: int | None = None,
                      min_pixels: int | None = None, vision: dict | None = None,
-                     **text_overrides: Any) -> Path:
+                     corpus: tuple[str, ...] = (), **text_overrides: Any) -> Path:
     """Build a seeded random-weight VLM with tokenizer and processor into ``out_dir``.
 
     Text-model fields (``hidden_size``, ``num_hidden_layers``, ...) come as keyword overrides,
     vision-tower fields as ``vision={...}``. M-RoPE sections are derived from the head size.
     ``model_type`` is one of :data:`TINY_ALIASES`' values or ``qwen2_vl``; ``max_pixels`` /
     ``min_pixels`` bound the image area of the Qwen families (64 and 4 image tokens by default).
+    ``corpus`` adds lines to the tokenizer's training text (Qwen2/2.5-VL), so the words a model
+    will be trained on become whole tokens.
     Written atomically (temp folder, rename); an existing ``out_dir`` is an error.
     """
     out_dir = Path(out_dir)
@@ -86,15 +88,18 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, model_type: str = "qwen
         if model_type in ("qwen2_5_vl", "qwen2_vl"):
             vision = {**TINY_VISION, **(vision or {})}
             model, processor = _build_qwen2(model_type, seed, vocab_size, vision, text_overrides,
-                                            max_pixels or TINY_MAX_PIXELS, min_pixels or TINY_MIN_PIXELS)
+                                            max_pixels or TINY_MAX_PIXELS, min_pixels or TINY_MIN_PIXELS, corpus)
         else:
+            if corpus:
+                raise ValueError(f"corpus: only the Qwen2/2.5-VL builds take a tokenizer corpus, not {model_type}")
             from pipeline.vlm.tiny_families import build_family
             model, processor, vision = build_family(model_type, seed, vocab_size, vision or {},
                                                     text_overrides, max_pixels, min_pixels)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         marker = {"version": TINY_VERSION, "seed": seed, "model_type": model_type,
-                  "vocab_size": vocab_size, "vision": vision, "text_overrides": text_overrides}
+                  "vocab_size": vocab_size, "vision": vision, "text_overrides": text_overrides,
+                  "corpus_lines": len(corpus)}
         (tmp / DONE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
         os.replace(tmp, out_dir)
     except BaseException:
@@ -104,14 +109,14 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, model_type: str = "qwen
 
 
 def _build_qwen2(model_type: str, seed: int, vocab_size: int, vision: dict, text_overrides: dict,
-                 max_pixels: int, min_pixels: int):
+                 max_pixels: int, min_pixels: int, corpus: tuple[str, ...] = ()):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
 
     from pipeline.vlm.processing import QwenVLImageOnlyProcessor, chat_template
 
-    tokenizer = train_tokenizer(vocab_size=vocab_size, seed=seed)
+    tokenizer = train_tokenizer(vocab_size=vocab_size, seed=seed, extra_lines=tuple(corpus))
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision["patch_size"],
         merge_size=vision["spatial_merge_size"], temporal_patch_size=vision["temporal_patch_size"])

@@ -61,11 +61,12 @@ def train_bpe(vocab_size: int, seed: int = 0, special_tokens: tuple[str, ...] = 
     return bpe
 
 
-def train_tokenizer(vocab_size: int = 4096, seed: int = 0):
-    """A byte-level BPE ``Qwen2Tokenizer`` (:func:`train_bpe`) with the Qwen-VL special tokens."""
+def train_tokenizer(vocab_size: int = 4096, seed: int = 0, extra_lines: tuple[str, ...] = ()):
+    """A byte-level BPE ``Qwen2Tokenizer`` (:func:`train_bpe`, with ``extra_lines`` in its corpus)
+    with the Qwen-VL special tokens."""
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-    bpe = train_bpe(vocab_size, seed)
+    bpe = train_bpe(vocab_size, seed, extra_lines=extra_lines)
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, unk_token=None,
                                eos_token="<|im_end|>", pad_token="<|endoftext|>",

@@ -131,9 +131,8 @@ def shapes_of(scene: dict) -> list[dict]:
 
 
 def counterfactual(scene: dict, rng: random.Random) -> dict:
-    """A scene with the same question and another answer, in other cells where the question
-    allows (the scene elements only: nothing is drawn). Its chain claims what is not in the
-    real image."""
+    """A scene with the same question and another answer (its elements; the canvas it is drawn
+    on is thrown away). A chain written from it claims what is not in the real image."""
     query, real = scene["query"], shapes_of(scene)
     answer = answer_of(query, real)
     level = next(lvl for lvl, (lo, hi) in sorted(LEVELS.items()) if lo <= len(real) <= hi)
