@@ -206,9 +206,15 @@ def run_local(config: SynthConfig, plan: Plan | None = None,
 
 
 def provenance(config: SynthConfig) -> dict:
-    """What a dataset records about the run that made it (no secrets: configs hold none)."""
-    return {"config_digest": config.digest(),
-            "config": {k: v for k, v in to_dict(config).items() if k != "run"}}
+    """What a dataset records about the run that made it (no secrets: configs hold none), and
+    what the learned reference model measured of itself when it scored the run."""
+    from pipeline.vlm.reference import reference_summary  # torch: only when publishing
+
+    out = {"config_digest": config.digest(), "config": {k: v for k, v in to_dict(config).items() if k != "run"}}
+    reference = reference_summary(config.vas.model)
+    if reference is not None:
+        out["vas_reference"] = reference
+    return out
 
 
 def _report(report: StageReport, started: float) -> dict:

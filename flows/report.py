@@ -14,6 +14,7 @@ from pipeline.filtering.filter import STEPS
 from pipeline.filtering.funnel import QUANTILES
 from pipeline.plan import DEFAULT_PLAN, Plan
 from pipeline.store import WorkStore
+from pipeline.vas.separation import separation_rows
 
 STEP_LABELS = {
     "input": "Candidates (scored by VAS)",
@@ -98,8 +99,28 @@ def _reference_line(summary: dict) -> list[str]:
     if not summary.get("vas_model"):
         return []
     prompt = summary.get("vas_system_prompt")
-    return [f"Reference model `{summary['vas_model']}`"
-            + (f"; system prompt \"{prompt}\" written into every scored chat" if prompt else "") + ".", ""]
+    lines = [f"Reference model `{summary['vas_model']}`"
+             + (f"; system prompt \"{prompt}\" written into every scored chat" if prompt else "") + ".", ""]
+    evaluation = (summary.get("vas_reference") or {}).get("evaluation")
+    if evaluation:
+        lines += [(f"It learned to see: held-out accuracy {evaluation['accuracy_image']:.3f} with the image, "
+                   f"{evaluation['accuracy_blank']:.3f} with a blank canvas (blind baseline "
+                   f"{evaluation['blind_baseline']:.3f}, n = {evaluation['n']})."), ""]
+    return lines
+
+
+def control_lines(vas: dict) -> list[str]:
+    """How well each VAS view separates real samples from the negative controls (AUC)."""
+    table = vas.get("controls") or {}
+    if not table:
+        return []
+    lines = ["### Negative controls: AUC of real samples against each kind", "",
+             *_table(separation_rows(table, vas.get("metric"))), ""]
+    best = table.get("best")
+    if best:
+        lines += [(f"Best separating view: `{best}` (mean AUC {table['mean_auc'][best]:.3f}); the filter "
+                   f"reads `{vas.get('metric')}`."), ""]
+    return lines
 
 
 def _random_weights_note(summary: dict) -> list[str]:
@@ -143,7 +164,7 @@ def run_summary_markdown(summary: dict, store: WorkStore, plan: Plan = DEFAULT_P
               "## Stages", "", *_table(stage_rows(summary, store, plan)), "",
               "## Teacher usage and cost (this run)", "", *_table(usage_rows(summary)), "",
               "## VAS", "", *_reference_line(summary), *_random_weights_note(summary),
-              *vas_lines(funnel.get("vas") or {})]
+              *vas_lines(funnel.get("vas") or {}), "", *control_lines(funnel.get("vas") or {})]
     return "\n".join(lines) + "\n"
 
 

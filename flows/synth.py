@@ -51,6 +51,7 @@ from flows.report import publish_run_artifacts
 from pipeline.atomic import write_json_atomic
 from pipeline.configio import ConfigError, config_help
 from pipeline.errors import PermanentError, retryable
+from pipeline.filtering.funnel import funnel_line
 from pipeline.plan import DEFAULT_PLAN
 from pipeline.store import WorkStore
 from pipeline.synthesis.vllm_server import ServerStartError
@@ -106,7 +107,7 @@ def shard_task(stage: str, shard: int, config: SynthConfig, upstream: dict | Non
 @task(name="filter", **_TASK_DEFAULTS)
 def filter_task(config: SynthConfig) -> dict:
     out = components.run_filter(config)
-    get_run_logger().info("filter: funnel %s", out["funnel"])
+    get_run_logger().info("filter: %s", funnel_line(out["funnel"]))
     return out
 
 
@@ -191,12 +192,14 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
             published = runner.submit(publish_task.with_options(**retry),
                                       {"config": config, "filtered": filtered}).result()
     from pipeline.vlm.loading import has_random_weights  # torch: only once the run has happened
+    from pipeline.vlm.reference import reference_summary
 
     summary = {"config_path": config_path, "config_digest": config.digest(),
                "store_dir": str(config.run.store_dir), "seconds": time.time() - started,
                "runner": config.run.runner, "flow_pid": os.getpid(),
                "seeds": seeds, "stages": reports, "vas_model": config.vas.model,
                "vas_random_weights": has_random_weights(config.vas.model),
+               "vas_reference": reference_summary(config.vas.model),
                "vas_system_prompt": config.vas.system_prompt,
                "funnel": filtered["funnel"], "published": published}
     write_json_atomic(store.root / "run_summary.json", summary)

@@ -50,6 +50,28 @@ def test_budget_matches_eager_attention_and_sums_to_one(queries):
     assert set(row) == {*BUDGET_NAMES, "per_layer"} and len(row["per_layer"]["image"]) == len(lens.layers)
 
 
+def test_one_capture_of_user_and_response_queries_gives_both_views_exactly():
+    model, _, processor = tiny_models()
+    inputs, spans = chat_batch(processor, padding_side="right")
+    sets = budget_key_masks(spans)
+    lens = AttentionLens(model)
+    separate = {}
+    for name in ("user", "response"):
+        with torch.no_grad(), lens.capture(getattr(spans, name), key_masks=sets) as cap:
+            model(**inputs)
+        separate[name] = cap
+    with torch.no_grad(), lens.capture(spans.user | spans.response, key_masks=sets) as both:
+        model(**inputs)
+    for name, alone in separate.items():
+        view = both.restricted(getattr(spans, name))
+        assert torch.allclose(vas_ratio(view), vas_ratio(alone), rtol=1e-5)
+        assert torch.allclose(attention_budget(view).per_layer, attention_budget(alone).per_layer, atol=1e-6)
+        assert torch.allclose(ratio_of_means(view), ratio_of_means(alone), rtol=1e-5)
+        assert torch.equal(view.dense("image") != 0, alone.dense("image") != 0)
+    with pytest.raises(ValueError, match="not captured"):
+        separate["user"].restricted(spans.response)
+
+
 def test_companions_of_vas():
     model, _, processor = tiny_models()
     inputs, spans = chat_batch(processor)

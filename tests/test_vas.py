@@ -87,6 +87,41 @@ def test_stage_in_work_store_validates_rejects_and_resumes(tmp_path):
     assert (again.skipped, again.results, again.rejects) == (8, 0, 0)
 
 
+def test_one_forward_gives_user_and_response_views():
+    model, _, processor = tiny_models()
+    items = _items(_records()[:3])
+    response = score_items(model, processor, items, _config(queries="response"))
+    user = score_items(model, processor, items, _config(queries="user"))
+    for r, u in zip(response, user, strict=True):
+        assert set(r["views"]) == {"user", "response"} and set(u["views"]) == {"user"}
+        assert r["views"]["response"]["raw"] == r["raw"] and r["views"]["response"]["image_share"] == r["budget"]["image"]
+        for view, value in u["views"]["user"].items():  # the user rows of the response forward
+            assert r["views"]["user"][view] == pytest.approx(value, rel=1e-5)
+
+
+def test_stage_scores_negative_controls_beside_each_sample(tmp_path):
+    from pipeline.seeds import generate_problem
+    from pipeline.synthesis.teachers.programmatic import write
+
+    model, _, processor = tiny_models()
+    seeds = [generate_problem(family, seed, 2, 320, 0.0) for family, seed in (("shapes", 1), ("counting", 2))]
+    records = [{**r, "response": write("anchor", r)} for r in seeds]
+    stage = VASStage(_config(controls=["wrong_claims", "text_only", "blank_image"]), model=model, processor=processor)
+    shapes, counting = stage.run(records)
+    assert set(shapes["vas"]["controls"]) == {"wrong_claims", "text_only", "blank_image"}
+    assert set(counting["vas"]["controls"]) == {"text_only", "blank_image"}  # no counterfactual for counting
+    real = shapes["vas"]["views"]
+    for kind, control in shapes["vas"]["controls"].items():
+        assert set(control["views"]) == {"user", "response"}
+        assert (control["views"]["user"] == real["user"]) == (kind != "blank_image")  # causal: same prefix
+        assert control["views"]["response"]["raw"] != real["response"]["raw"]
+    validate_sample(shapes, "vas")
+    with pytest.raises(ValueError, match="vas.controls: unknown control kind"):
+        _config(controls=["nope"])
+    with pytest.raises(ValueError, match="need vas.queries: response"):
+        _config(controls=["text_only"], queries="user")
+
+
 def test_undefined_scores_are_named():
     base = {"model": "m", "queries": "response", "max_pixels": None, "layers": None}
     assert _result(base, 1.0, 1.0, 4, 0, 3).reason == "vas_no_system_tokens"

@@ -160,14 +160,14 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                               "n": len(examples), "max_pixels": config.max_pixels, "max_pixels_from": source,
                               "system_prompt": config.system_prompt, "model_family": adapter_for(processor).family,
                               "config": asdict(config)}
-    report.update(_run(model, processor, examples, config, None))
+    report.update(measure(model, processor, examples, config, None))
     if config.intervention:
         setting = InterventionConfig(a_img=config.a_img, a_sys=config.a_sys, layers=config.intervention_layers)
-        report["intervention"] = {"setting": asdict(setting), **_run(model, processor, examples, config, setting)}
+        report["intervention"] = {"setting": asdict(setting), **measure(model, processor, examples, config, setting)}
     return report
 
 
-def _run(model, processor, examples: list[EvalExample], config: EvalConfig,
+def measure(model, processor, examples: list[EvalExample], config: EvalConfig,
          intervention: InterventionConfig | None) -> dict[str, Any]:
     """Accuracy, VAS and the attention budget of ``examples`` (under ``intervention`` if given)."""
     out: dict[str, Any] = {}

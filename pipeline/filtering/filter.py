@@ -43,6 +43,7 @@ from pipeline.filtering.funnel import (
 from pipeline.records import Reject
 from pipeline.response_format import format_ok
 from pipeline.store import StageStore, WorkStore
+from pipeline.vas.separation import METRICS, ControlSeparation, view_value
 
 STAGE = "filter"
 REASONS = ("answer_wrong", "format_invalid", "no_anchors", "too_short", "too_long",
@@ -63,7 +64,7 @@ class FilterConfig:
     near_duplicate_threshold: float = field(default=0.9, metadata={"help": "Estimated Jaccard similarity (MinHash over word shingles of dedup_fields, pipeline.filtering.dedup) at or above which a sample is a near-duplicate."})
     dedup_fields: list[str] = field(default_factory=lambda: ["question", "response"], metadata={"help": "Record text fields compared for exact/near duplicates (besides same images + same question, always an exact duplicate)."})
     dedup_same_images_only: bool = field(default=True, metadata={"help": "Text duplicates count only between samples with the same images: templated procedural text over different images is not a duplicate."})
-    vas_metric: Literal["normalized", "raw"] = field(default="normalized", metadata={"help": "Which response VAS the VAS criterion reads: 'normalized' (raw / (|I|/|S|), comparable across image sizes) or 'raw'."})
+    vas_metric: str = field(default="normalized", metadata={"help": "Which VAS the VAS criterion reads: 'normalized' (raw / (|I|/|S|), comparable across image sizes) or 'raw' of the configured vas.queries, or a view '<queries>.<view>' with queries user|response and view raw|normalized|ratio_of_means|image_share (e.g. response.image_share; pipeline.vas.separation)."})
     vas_threshold: float | None = field(default=None, metadata={"help": "Keep samples whose VAS (vas_metric) is >= this value. Exclusive with vas_quantile; both null: no VAS criterion."})
     vas_quantile: float | None = field(default=None, metadata={"help": "Keep the top fraction q of this run's candidates by VAS (0.5 keeps the top half; ties at the cut are kept). Exclusive with vas_threshold."})
 
@@ -77,8 +78,9 @@ class FilterConfig:
                              f"got {self.max_response_length}")
         if self.length_unit not in ("chars", "tokens"):
             raise ValueError(f"filter.length_unit: expected 'chars' or 'tokens', got {self.length_unit!r}")
-        if self.vas_metric not in ("normalized", "raw"):
-            raise ValueError(f"filter.vas_metric: expected 'normalized' or 'raw', got {self.vas_metric!r}")
+        if self.vas_metric not in ("normalized", "raw", *METRICS):
+            raise ValueError(f"filter.vas_metric: expected 'normalized', 'raw' or one of {list(METRICS)}, "
+                             f"got {self.vas_metric!r}")
         if self.vas_threshold is not None and self.vas_quantile is not None:
             raise ValueError("filter.vas_threshold and filter.vas_quantile are exclusive; set one of them")
         if self.vas_quantile is not None and not 0.0 < self.vas_quantile <= 1.0:
@@ -100,6 +102,8 @@ def response_length(response: str, unit: str) -> int:
 
 def vas_value(record: dict, metric: str) -> float | None:
     vas = record.get("vas")
+    if isinstance(vas, dict) and "." in metric:
+        return view_value(vas, metric)
     value = vas.get(metric) if isinstance(vas, dict) else None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return None  # NaN would pass every comparison: treat it as missing
@@ -213,11 +217,13 @@ class FilterStage:
         self.rejects: dict[str, int] = {}
         self.vas_info: dict = {"criterion": "none", "threshold": vas_threshold}
         self.usage: dict[str, dict] = {}
-        self.candidate_vas: dict[str, list[float]] = {"raw": [], "normalized": []}
+        self.candidate_vas: dict[str, list[float]] = {"raw": [], "normalized": [], config.vas_metric: []}
+        self.separation = ControlSeparation()
 
     def check(self, record: dict) -> Reject | None:
         """Run all checks on one record; None means kept. Counts into the funnel."""
         tally_usage(self.usage, record)
+        self.separation.add(record)
         found = stateless_failure(record, self.config)
         if found is None:
             for metric, values in self.candidate_vas.items():
@@ -252,7 +258,8 @@ class FilterStage:
 
     def funnel(self) -> Funnel:
         vas = dict(self.vas_info, histograms={m: histogram(v) for m, v in self.candidate_vas.items() if v},
-                   quantiles={m: quantile_summary(v) for m, v in self.candidate_vas.items() if v})
+                   quantiles={m: quantile_summary(v) for m, v in self.candidate_vas.items() if v},
+                   controls=self.separation.table())
         return Funnel(steps=dict(self.steps), rejects=dict(sorted(self.rejects.items())), vas=vas,
                       usage={k: dict(v) for k, v in self.usage.items()})
 

@@ -97,3 +97,23 @@ def store_summary(store: WorkStore, stages: Iterable[str] | None = None,
 def load_funnel(store_root: str | os.PathLike) -> Funnel | None:
     path = Path(store_root) / FUNNEL_FILE
     return Funnel.from_dict(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else None
+
+
+def funnel_line(funnel: dict) -> str:
+    """The funnel in one readable console line: each check's survivors, the VAS cut, and the view
+    that separates real samples from controls best (when the run scored controls)."""
+    steps = funnel.get("steps") or {}
+    vas = funnel.get("vas") or {}
+    chain = " -> ".join(f"{steps[s]} {s}" for s in steps)
+    cut = vas.get("resolved_threshold")
+    line = f"{chain} ({steps.get('unique', 0)} kept)" if steps else "no candidate reached the filter"
+    if vas.get("criterion") not in (None, "none") and cut is not None:
+        quantile = f", top {100 * vas['quantile']:.0f}%" if vas.get("quantile") else ""
+        line += f"; VAS: {vas.get('metric')} >= {cut:.4g}{quantile}"
+    controls = vas.get("controls") or {}
+    if controls.get("best"):
+        best = controls["best"]
+        line += f"; controls: best view {best} (mean AUC {controls['mean_auc'][best]:.3f})"
+        if vas.get("metric") in controls.get("mean_auc", {}) and vas.get("metric") != best:
+            line += f", filter's {vas['metric']} {controls['mean_auc'][vas['metric']]:.3f}"
+    return line

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -79,6 +79,16 @@ class Capture:
         out = compact.new_zeros(n_layers, batch, heads, self.query_mask.shape[1])
         index = self.query_index.to(compact.device)[None, :, None, :].expand_as(compact)
         return out.scatter_add(-1, index, compact * self.query_valid.to(compact.device)[None, :, None, :])
+
+    def restricted(self, query_mask: torch.Tensor) -> Capture:
+        """The same forward pass seen from a subset of its queries: a capture of ``U | R`` gives
+        the views of ``U`` and of ``R`` (``query_mask`` must select captured queries only). The
+        masses are shared, not copied; only which query slots count changes."""
+        mask = _bool_mask("query_mask", query_mask, self.query_mask.shape).to(self.query_mask.device)
+        if bool((mask & ~self.query_mask).any()):
+            raise ValueError("restricted(): the mask selects queries that were not captured")
+        index = self.query_index.to(mask.device)
+        return replace(self, query_mask=mask, query_valid=mask.gather(1, index) & self.query_valid.to(mask.device))
 
     def key_counts(self, name: str) -> torch.Tensor:
         """``[B]`` number of keys in set ``name`` (e.g. ``|I|``)."""

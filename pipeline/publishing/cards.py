@@ -34,8 +34,10 @@ from pipeline.filtering.funnel import tally_usage
 from pipeline.images import open_image
 from pipeline.publishing.profile import ColumnProfile
 from pipeline.response_format import extract_answer, think_text
+from pipeline.synthesis.controls import CONTROL_HELP
 from pipeline.synthesis.usage import token_cost_usd
 from pipeline.templating import environment
+from pipeline.vas.separation import METRICS, metric_label, separation_rows, view_value
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "data_card.md.j2"
@@ -141,6 +143,7 @@ class CardStats:
         self.vas_settings: Counter[tuple] = Counter()
         self.vas_raw: list[float] = []
         self.vas_normalized: list[float] = []
+        self.vas_views: dict[str, list[float]] = {}  # "<queries>.<view>" -> published values
         self.anchor_counts: list[int] = []
         self.response_chars: list[int] = []
         self.usage: dict[str, dict] = {}
@@ -165,6 +168,10 @@ class CardStats:
         if isinstance(vas.get("normalized"), (int, float)):
             self.vas_normalized.append(float(vas["normalized"]))
         if vas:
+            for metric in METRICS:
+                value = view_value(vas, metric)
+                if value is not None:
+                    self.vas_views.setdefault(metric, []).append(value)
             self.vas_random += bool(vas.get("random_weights"))
             for name, share in (vas.get("budget") or {}).items():
                 self.budget.setdefault(name, []).append(float(share))
@@ -232,8 +239,19 @@ def _neg_to_rank(neg: int) -> str:
     return f"{-neg:064x}"
 
 
+def _histogram_panels(stats: CardStats, metric: str | None) -> list[tuple[str, list[float], str, str]]:
+    """(name, published values, title, x label) per panel: the raw VAS, and the filter's metric
+    (the normalized VAS when the filter reads raw or nothing)."""
+    second = metric if metric in stats.vas_views or metric == "normalized" else "normalized"
+    panels = [("raw", stats.vas_raw, "response VAS (raw)", "VAS")]
+    if second == "normalized":
+        return [*panels, ("normalized", stats.vas_normalized, "response VAS (normalized)", "VAS / (|I| / |S|)")]
+    return [*panels, (second, stats.vas_views.get(second, []), f"filter metric: {second}", metric_label(second))]
+
+
 def vas_histogram(stats: CardStats, vas_info: dict) -> bytes:
-    """PNG of the raw and normalized response VAS: filter candidates (grey) and published (blue)."""
+    """PNG of the raw response VAS and of the filter's metric: filter candidates (grey) and
+    published (blue)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,8 +260,7 @@ def vas_histogram(stats: CardStats, vas_info: dict) -> bytes:
 
     metric, threshold = vas_info.get("metric"), vas_info.get("resolved_threshold")
     fig = Figure(figsize=(8, 3.2), dpi=100)
-    for ax, name, values in zip(fig.subplots(1, 2), ("raw", "normalized"),
-                                (stats.vas_raw, stats.vas_normalized), strict=True):
+    for ax, (name, values, title, xlabel) in zip(fig.subplots(1, 2), _histogram_panels(stats, metric), strict=True):
         candidates = (vas_info.get("histograms") or {}).get(name)
         bins = candidates["edges"] if candidates else min(30, max(5, len(values) // 3))
         if candidates:
@@ -258,8 +275,8 @@ def vas_histogram(stats: CardStats, vas_info: dict) -> bytes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right", fontsize=7)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"response VAS ({name})", fontsize=10)
-        ax.set_xlabel("VAS" if name == "raw" else "VAS / (|I| / |S|)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("samples")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -298,6 +315,13 @@ def _template() -> jinja2.Template:
     env = environment(TEMPLATE_DIR, trim_blocks=True, keep_trailing_newline=True,
                       filters={"num": num, "md": md_escape})
     return env.get_template(TEMPLATE)
+
+
+def _metric_text(metric: str | None) -> str:
+    """How the card names the filter's VAS: "raw VAS", "normalized VAS", or a view's label."""
+    if metric in ("raw", "normalized"):
+        return f"{metric} VAS"
+    return metric_label(metric) if metric else "VAS"
 
 
 def _funnel_view(funnel: dict | None) -> dict | None:
@@ -388,7 +412,12 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
         gallery=gallery, histogram=HISTOGRAM_FILE, exports=exports or {}, paper=PAPER,
         config_digest=(provenance or {}).get("config_digest"), dataset_digest=dataset_digest,
         vas_random=stats.vas_random, budget=[(k, statistics.fmean(v)) for k, v in stats.budget.items()],
-        reproduce=reproduce, column_rows=stats.profile.rows(), answer_types=stats.profile.answer_types.most_common(),
+        reproduce=reproduce, reference=(provenance or {}).get("vas_reference"),
+        controls=separation_rows(vas_info.get("controls") or {}, vas_info.get("metric")),
+        control_kinds=[(k, CONTROL_HELP[k], (vas_info.get("controls") or {}).get("n", {}).get(k, 0))
+                       for k in (vas_info.get("controls") or {}).get("kinds", [])],
+        separation=vas_info.get("controls") or {}, vas_metric_label=_metric_text(vas_info.get("metric")),
+        column_rows=stats.profile.rows(), answer_types=stats.profile.answer_types.most_common(),
         with_choices=stats.profile.with_choices, split_samples=stats.profile.samples())
     assert_no_secrets(text, str(card_dir / "README.md"))
     path = card_dir / "README.md"

@@ -62,6 +62,11 @@ class VASConfig:
         "help": "Model dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32."})
     device: str | None = field(default=None, metadata={"volatile": True, "help": "Torch device; null = cuda when available, else cpu."})
     progress: bool = field(default=True, metadata={"volatile": True, "help": "Show a progress bar."})
+    controls: list[str] = field(default_factory=list, metadata={
+        "help": "Negative controls scored beside every sample and never published "
+                "(pipeline.synthesis.controls): wrong_claims (visual claims wrong for the image), "
+                "text_only (never refers to the image), blank_image (the image blanked). The run "
+                "report and the card give how well each VAS view separates real samples from them (AUC)."})
 
     def __post_init__(self):
         if self.queries not in ("user", "response"):
@@ -72,6 +77,13 @@ class VASConfig:
             raise ValueError(f"vas.max_pixels: must be a positive number of pixels or null, got {self.max_pixels}")
         if not isinstance(self.system_prompt, str) or not self.system_prompt.strip():
             raise ValueError(f"vas.system_prompt: must be a non-empty string, got {self.system_prompt!r}")
+        from pipeline.synthesis.controls import check_kinds
+        try:
+            self.controls = check_kinds(self.controls)
+        except ValueError as err:
+            raise ValueError(f"vas.controls: {err}") from None
+        if self.controls and self.queries != "response":
+            raise ValueError("vas.controls: controls change the response; they need vas.queries: response")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"vas.dtype: expected auto|bfloat16|float16|float32, got {self.dtype!r}")
 

@@ -20,6 +20,7 @@ from pipeline.lens.budget import (
 from pipeline.lens.objectives import size_normalized_vas, vas_ratio
 from pipeline.paper import DEFAULT_SYSTEM_PROMPT
 from pipeline.vas import DEFAULT_EPS, ScoreError, VASConfig, VASItem
+from pipeline.vas.separation import VIEWS
 from pipeline.vlm import adapter_for, build_inputs, compute_spans, load_model_and_processor
 from pipeline.vlm.inputs import check_max_pixels, image_token_pixels, with_system_prompt
 from pipeline.vlm.loading import for_inference, has_random_weights
@@ -75,36 +76,49 @@ def score_items(model, processor, items: Sequence[VASItem], config: VASConfig,
             "layers": list(lens.layers), "random_weights": has_random_weights(config.model),
             "system_prompt": config.system_prompt}
     bar = tqdm(total=len(items), desc=f"VAS ({config.queries})", unit="sample", disable=not config.progress)
+    query_sets = ("user", "response") if config.queries == "response" else ("user",)
     for batch in batches:
         conversations = [_conversation(items[i], config.queries, config.system_prompt, folded) for i in batch]
         inputs = build_inputs(processor, conversations, [items[i].images for i in batch],
                               padding_side="right", max_pixels=config.max_pixels)
         spans = compute_spans(inputs["input_ids"], inputs["attention_mask"], processor)
-        query = spans.user if config.queries == "user" else spans.response
         sets = {name: mask.to(device) for name, mask in budget_key_masks(spans).items()}
         scaled = contextlib.nullcontext()
         if intervention is not None:
             from pipeline.lens.intervention import intervene
             scaled = intervene(model, sets["image"], sets["system"], intervention)
-        with torch.no_grad(), scaled, lens.capture(query.to(device), key_masks=sets) as cap:
+        # one forward, every query set: the response's capture holds the question's rows too
+        captured = spans.user | spans.response if config.queries == "response" else spans.user
+        with torch.no_grad(), scaled, lens.capture(captured.to(device), key_masks=sets) as cap:
             model(**inputs.to(device), logits_to_keep=1)
-        raw = vas_ratio(cap, config.eps).cpu()
-        budget = attention_budget(cap)
-        companions = ratio_of_means(cap, config.eps).cpu(), per_layer_vas(cap, config.eps).cpu()
-        n_image, n_system, n_query = spans.image.sum(1), spans.system.sum(1), query.sum(1)
-        normalized = size_normalized_vas(raw, n_image, n_system)
+        n_image, n_system = spans.image.sum(1), spans.system.sum(1)
+        views = {q: _views(cap.restricted(getattr(spans, q).to(device)), config.eps, n_image, n_system)
+                 for q in query_sets}
+        main, n_query = views[config.queries], getattr(spans, config.queries).sum(1)
         for row, i in enumerate(batch):
-            results[i] = _result(base, float(raw[row]), float(normalized[row]), int(n_image[row]),
+            results[i] = _result(base, float(main["raw"][row]), float(main["normalized"][row]), int(n_image[row]),
                                  int(n_system[row]), int(n_query[row]))
             if isinstance(results[i], dict):
-                shares = budget.row(row)
+                shares = main["budget"].row(row)
                 results[i].update(budget={k: shares[k] for k in BUDGET_NAMES},
                                   budget_per_layer=shares["per_layer"],
-                                  ratio_of_means=float(companions[0][row]),
-                                  per_layer=[float(v) for v in companions[1][row]])
+                                  ratio_of_means=float(main["ratio_of_means"][row]),
+                                  per_layer=[float(v) for v in main["per_layer"][row]],
+                                  views={q: {name: float(v[name][row]) for name in VIEWS} for q, v in views.items()})
         bar.update(len(batch))
     bar.close()
     return results
+
+
+def _views(cap, eps: float, n_image: torch.Tensor, n_system: torch.Tensor) -> dict:
+    """Every view of :data:`pipeline.vas.separation.VIEWS` (``[B]`` each), the budget and the
+    per-layer VAS of one query set's capture."""
+    raw = vas_ratio(cap, eps).cpu()
+    budget = attention_budget(cap)
+    return {"raw": raw, "normalized": size_normalized_vas(raw, n_image, n_system),
+            "ratio_of_means": ratio_of_means(cap, eps).cpu(),
+            "image_share": budget.overall[:, BUDGET_NAMES.index("image")].cpu(),
+            "budget": budget, "per_layer": per_layer_vas(cap, eps).cpu()}
 
 
 def _result(base: dict, raw: float, normalized: float, n_image: int, n_system: int, n_query: int):

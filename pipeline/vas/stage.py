@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pipeline.configio import ConfigError
 from pipeline.records import Reject
-from pipeline.vas import ScoreError, VASConfig, item_from_record
+from pipeline.synthesis.controls import controls_for
+from pipeline.vas import ScoreError, VASConfig, VASItem, item_from_record
 
 
 class VASStage:
@@ -38,9 +39,16 @@ class VASStage:
         model = self.config.model
         if self.model is not None:
             return
+        from pipeline.vlm.reference import REFERENCE_ALIAS, ReferenceModelError, reference_path
         from pipeline.vlm.tiny import TINY_ALIASES  # torch: only when a run is checked
 
         if model in TINY_ALIASES:
+            return
+        if model == REFERENCE_ALIAS:
+            try:
+                reference_path()
+            except ReferenceModelError as err:
+                raise ConfigError(f"vas.model: {err}") from None
             return
         if Path(model).is_dir():
             self._check_family(Path(model))
@@ -77,20 +85,42 @@ class VASStage:
         if self.model is None:
             self.model, self.processor = load_scoring_model(self.config)
         outputs: list[dict | Reject | None] = [None] * len(batch)
-        items, positions = [], []
+        items, owners = [], []  # owners: (position in batch, control kind or None)
         for pos, record in enumerate(batch):
             try:
-                items.append(item_from_record(record, self.config.queries))
-                positions.append(pos)
+                item = item_from_record(record, self.config.queries)
             except ScoreError as err:
                 outputs[pos] = self._reject(record, err)
+                continue
+            items.append(item)
+            owners.append((pos, None))
+            for control in controls_for(record, item.images, self.config.controls):
+                items.append(VASItem(key=f"{item.key}#{control.kind}", images=control.images or item.images,
+                                     question=item.question, response=control.response))
+                owners.append((pos, control.kind))
         scores = score_items(self.model, self.processor, items, self.config) if items else []
-        for pos, score in zip(positions, scores, strict=True):
-            record = batch[pos]
-            outputs[pos] = self._reject(record, score) if isinstance(score, ScoreError) else {**record, "vas": score}
+        controls: dict[int, dict] = {}
+        for (pos, kind), score in zip(owners, scores, strict=True):
+            if kind is None:
+                record = batch[pos]
+                outputs[pos] = self._reject(record, score) if isinstance(score, ScoreError) else {**record, "vas": score}
+            elif not isinstance(score, ScoreError):
+                controls.setdefault(pos, {})[kind] = score["views"]
+        for pos, views in controls.items():
+            if isinstance(outputs[pos], dict):
+                outputs[pos]["vas"]["controls"] = _with_shared_user_views(views, outputs[pos]["vas"]["views"])
         return outputs
 
     def _reject(self, record: dict, err: ScoreError) -> Reject:
         return Reject(id=record.get("id") or "unknown", stage=self.name, reason=err.reason,
                       message=err.message, field=err.field, source=record.get("source"))
 
+
+
+def _with_shared_user_views(controls: dict[str, dict], real: dict) -> dict[str, dict]:
+    """Each control's views; the text controls (same images, same question) take the real
+    sample's user views, which causal attention makes identical to theirs (copied rather than
+    recomputed, so their separation shows the exact 0.5 instead of rounding noise between
+    batches of other lengths)."""
+    return {kind: {"views": {**views, "user": real["user"]} if kind != "blank_image" else views}
+            for kind, views in controls.items()}
