@@ -112,7 +112,7 @@ class BatchService:
         self.refusals: Counter[int] = Counter()
         self._held: set[str] = set()
         self._advancing: dict[str, asyncio.Lock] = {}
-        self.holding = 0
+        self.holding: Counter[str] = Counter()  # calls waiting at each hold point
 
     # -- test controls -----------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ class BatchService:
         with self._lock:
             if point not in self._held:
                 return
-            self.holding += 1
+            self.holding[point] += 1
         try:
             while True:
                 with self._lock:
@@ -166,7 +166,7 @@ class BatchService:
                 await asyncio.sleep(0.01)
         finally:
             with self._lock:
-                self.holding -= 1
+                self.holding[point] -= 1
 
     def _refuse(self, status: int, message: str, code: str | None = None) -> web.Response:
         self.refusals[status] += 1
