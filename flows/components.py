@@ -154,7 +154,8 @@ def run_shard(name: str, shard: int, config: SynthConfig, plan: Plan | None = No
     try:
         if getattr(stage, "batch_mode", False):  # outside the lock: shards' batches run together
             done = store.stage(name).done_ids(TRANSIENT_REASONS, partition)
-            batched = stage.prefetch((r for r in source.iter_records(partition) if r["id"] not in done), shard)
+            batched = stage.prefetch(lambda: (r for r in source.iter_records(partition) if r["id"] not in done),
+                                     shard)
         with lock:
             before = _usage(stage)
             report = run_stage(stage, store.stage(name), source.iter_records(partition),

@@ -22,7 +22,7 @@ from pipeline.synthesis.batch.state import BatchState
 from pipeline.synthesis.cache import RequestCache
 from pipeline.synthesis.stages import DescribeStage, StageConfig
 from pipeline.synthesis.teachers.base import TeacherConfig, TeacherFatalError
-from tests.support.teacher_server import ChatCall, ResponderError, TeacherServer
+from tests.support.teacher_server import ChatCall, ChatReply, ResponderError, TeacherServer
 from tests.test_stages import seed
 
 PROBLEM = re.compile(r"Triangle (\d+):")
@@ -302,3 +302,40 @@ def test_lost_answers_to_upload_and_create_never_make_a_second_file_or_batch(tmp
         assert server.batches.calls["list_files"] >= 1 and server.batches.calls["list_batches"] >= 1
         assert_paid_once(server)
     assert len(texts(out)) == 8
+
+
+def test_a_rerun_after_a_cancel_with_no_flow_running_continues(tmp_path):
+    cache = RequestCache(tmp_path / "c.sqlite")
+    with TeacherServer(describe) as server:
+        server.batches.behaviour.lines_per_poll = 3
+        with stage(teacher(server), cache, wait=False) as batched, pytest.raises(BatchesPending):
+            batched.run(RECORDS)  # submitted; the next read answers 3 lines
+        list_batches(cache.path, {"describe": teacher(server)})  # a look: 3 lines done
+        [cancelled] = cancel_batches(cache.path, {"describe": teacher(server)})
+        assert cancelled["status"] == "cancelling 3/8"
+        with stage(teacher(server), cache) as again:  # no BatchCancelled: this run did not wait for it
+            out = again.run(RECORDS)
+        assert [b.status for b in server.batches.batches.values()] == ["cancelled", "completed"]
+        assert len(server.batches.batches["batch-000002"].lines) == 5
+        assert_paid_once(server)
+    assert len(texts(out)) == 8
+
+
+def test_prefetch_batches_a_whole_shard_then_a_second_rollout_and_run_sends_nothing(tmp_path):
+    def first_try_empty(call: ChatCall) -> str | ChatReply:  # a reasoning model that wrote no description
+        if problem_of(call) in (1, 4) and call.sampling.get("seed") == 0:
+            return ChatReply(content="", reasoning="The figure is a triangle.")
+        return describe(call)
+
+    with TeacherServer(first_try_empty) as server:
+        config = StageConfig(teacher=teacher(server), rollouts=2)
+        with DescribeStage(config, cache=RequestCache(tmp_path / "c.sqlite"), progress=False) as batched:
+            usage = batched.prefetch(lambda: iter(RECORDS), shard=0)
+            lines = [len(b.lines) for b in server.batches.batches.values()]
+            out = batched.run(RECORDS)
+            summary = batched.usage_summary()
+        assert lines == [8, 2]  # the shard at once, then the second try of the two unusable ones
+        assert len(server.batches.batches) == 2  # run() found every answer in the cache
+    assert usage["requests"] == 10 and summary["requests"] == 0 and summary["cache_hits"] == 0
+    assert [r["stages"]["describe"]["rollout"] for r in out] == [0, 1, 0, 0, 1, 0, 0, 0]
+    assert all(r["stages"]["describe"]["cached"] is False for r in out)  # sent by this run

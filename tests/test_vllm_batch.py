@@ -34,7 +34,8 @@ def offline_batch(python: str, model) -> list[str]:
     return out
 
 
-def test_reason_and_anchor_run_on_the_offline_batch_engine_and_a_rerun_sends_nothing(vllm_python, model_dir, tmp_path):
+def test_reason_and_anchor_run_on_the_offline_batch_engine_and_a_rerun_sends_nothing(vllm_python, model_dir,  # noqa: F811
+                                                                                   tmp_path):
     settings = offline_batch(vllm_python, model_dir)
     first = run_flow(tmp_path, settings)
     assert first.returncode in (0, 3), first.stderr[-6000:]

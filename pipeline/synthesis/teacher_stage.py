@@ -23,9 +23,10 @@ Answers a batch brought in this process count as sent (``cached: false``), not a
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,19 +208,34 @@ class TeacherStage:
             return
         self.teacher.preflight(self._sampling(0), key_prefix=f"stages.{self.name}.teacher")
 
-    def prefetch(self, records: Iterable[dict], shard: int | None = None) -> dict:
-        """Mode batch: put the first attempt of every record not answered yet into batches at
-        once, and wait for them (or, with ``batch_wait`` off, submit and raise
-        :class:`~pipeline.synthesis.batch.runner.BatchesPending`). Then :meth:`run` over the same
-        records finds their answers in the cache. Returns the usage of what was collected."""
+    def prefetch(self, records: Callable[[], Iterable[dict]], shard: int | None = None) -> dict:
+        """Mode batch: put every record's request into batches at once, one rollout at a time, and
+        wait for them (or, with ``batch_wait`` off, submit and raise
+        :class:`~pipeline.synthesis.batch.runner.BatchesPending`); then :meth:`run` over the same
+        records finds every answer in the cache. ``records()`` yields the records not done yet
+        (called once per rollout: nothing is held in memory but ids). Rollout r+1 is sent for
+        the records whose rollout r was unusable, as :meth:`run` would. Returns the usage."""
         usage, lock = UsageTotals(), threading.Lock()
+        failed: dict[str, TeacherError] = {}
 
         def on_result(key: str, result, collected: bool) -> None:
-            if collected:
-                with lock:
+            with lock:
+                if collected:
                     usage.add(result)
+                if isinstance(result, TeacherError):
+                    failed[key] = result
 
-        self._batch_runner().collect(self._cache_misses(self._first_requests(records)), on_result, shard)
+        need: set[str] | None = None  # ids that still need an attempt (None: every record)
+        for rollout in range(self.config.rollouts):
+            sampling = self._sampling(rollout)
+            requests = (r for _, r in self._pending_requests(records, need, sampling, rollout))
+            self._batch_runner().collect(self._cache_misses(requests), on_result, shard)
+            if rollout + 1 == self.config.rollouts:
+                break
+            need = self._unusable(self._pending_requests(records, need, sampling, rollout), failed,
+                                  sampling, rollout)
+            if not need:
+                break
         return {**usage.as_dict(), "cache_hits": 0,
                 "cost_usd": round(cost_usd(self.teacher_config, usage.prompt_tokens, usage.completion_tokens), 6)}
 
@@ -371,12 +387,37 @@ class TeacherStage:
                                f"{len(missing)} request(s) of stage {self.name}")
         return results
 
-    def _first_requests(self, records: Iterable[dict]) -> Iterator[TeacherRequest]:
-        sampling = self._sampling(0)
-        for record in records:
+    def _pending_requests(self, records: Callable[[], Iterable[dict]], need: set[str] | None,
+                          sampling: dict, rollout: int) -> Iterator[tuple[str, TeacherRequest]]:
+        """``(record id, request)`` of attempt ``rollout`` for the records in ``need``. The
+        requests keep their record (images included) only while the caller holds them."""
+        for record in records():
+            if need is not None and record.get("id") not in need:
+                continue
             prepared = self._prepare(record)
             if not isinstance(prepared, Reject):  # run() rejects it again, with its reason
-                yield self._request(_Pending(0, record, prepared), sampling, 0)
+                yield record["id"], self._request(_Pending(0, record, prepared), sampling, rollout)
+
+    def _unusable(self, pending: Iterable[tuple[str, TeacherRequest]], failed: dict[str, TeacherError],
+                  sampling: dict, rollout: int, chunk: int = 256) -> set[str]:
+        """Ids whose attempt ``rollout`` came back unusable (a reason another rollout may fix)."""
+        out: set[str] = set()
+        batch: list[tuple[str, TeacherRequest]] = []
+        for item in itertools.chain(pending, [None]):  # None flushes the last chunk
+            if item is not None:
+                batch.append(item)
+                if len(batch) < chunk:
+                    continue
+            hits = self.cache.get_many([r.key for _, r in batch])
+            for rid, request in batch:
+                result = _response_from_cache(hits[request.key]) if request.key in hits else failed.get(request.key)
+                if result is None:
+                    continue
+                outcome = self._outcome(request.record, result, True, sampling, rollout)
+                if isinstance(outcome, Reject) and outcome.reason in REROLL_REASONS:
+                    out.add(rid)
+            batch = []
+        return out
 
     def _cache_misses(self, requests: Iterable[TeacherRequest], chunk: int = 256) -> Iterator[TeacherRequest]:
         batch: list[TeacherRequest] = []

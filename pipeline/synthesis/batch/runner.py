@@ -130,6 +130,7 @@ class BatchRunner:
         self._due: dict[str, float] = {}
         self._interval: dict[str, float] = {}
         self._recovered = False
+        self._watched: set[str] = set()  # jobs this process saw open and not cancelled
 
     # -- public ------------------------------------------------------------------------------
 
@@ -242,8 +243,12 @@ class BatchRunner:
                 return True
             if self._due.get(job.uid, 0.0) > time.monotonic():
                 return False
-            if job.cancel_requested:
+            if not job.cancel_requested:
+                self._watched.add(job.uid)
+            elif job.uid in self._watched:  # cancelled while this process waited for it: stop
                 self._cancel(job)
+            elif job.status in ("prepared", "uploaded"):  # a re-run after a cancel: send it now
+                job = self.state.update(job, cancel_requested=0)
             if job.status in ("prepared", "uploading"):
                 return self._upload(job)
             if job.status in ("uploaded", "submitting"):
@@ -392,7 +397,8 @@ class BatchRunner:
                 key, result = parse_line(self.teacher, raw)
                 if key in keys:
                     results[key] = result
-        user_cancelled = job.remote_status == "cancelled" and job.cancel_requested
+        user_cancelled = job.remote_status == "cancelled" and bool(job.cancel_requested) \
+            and job.uid in self._watched  # else a re-run after the cancel: resubmit the rest
         refusals = self._settle(job, results, on_result, delivered, user_cancelled)
         if not self.config.keep_files:
             for path in (*files, Path(job.input_path or "")):
