@@ -25,6 +25,13 @@ def request_key(backend: str, model: str, stage: str, template_sha256: str, samp
                         "sample": sample_id, "rollout": rollout})
 
 
+def response_to_cache(resp) -> dict:
+    """What the cache stores of a :class:`~pipeline.synthesis.teachers.base.TeacherResponse`."""
+    return {"text": resp.text, "reasoning": resp.reasoning, "prompt_tokens": resp.prompt_tokens,
+            "completion_tokens": resp.completion_tokens, "finish_reason": resp.finish_reason,
+            "model": resp.model}
+
+
 def retry_locked(statement, attempts: int = 200, pause_s: float = 0.05):
     """Run ``statement``, retrying while another process holds the lock.
 

@@ -29,15 +29,15 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from pipeline.ids import stable_hash
 from pipeline.records import Reject, utcnow
 from pipeline.store import shard_of
-from pipeline.synthesis.batch.runner import BatchRunner, BatchScope, response_to_cache
-from pipeline.synthesis.cache import RequestCache, request_key
+from pipeline.synthesis.batch.state import BatchScope
+from pipeline.synthesis.cache import RequestCache, request_key, response_to_cache
 from pipeline.synthesis.loop import LoopThread
 from pipeline.synthesis.prompts import PromptError, load_template
 from pipeline.synthesis.teachers import build_teacher
@@ -49,6 +49,9 @@ from pipeline.synthesis.teachers.base import (
     TeacherResponse,
 )
 from pipeline.synthesis.usage import UsageTotals, cost_usd
+
+if TYPE_CHECKING:
+    from pipeline.synthesis.batch.runner import BatchRunner
 
 STAGE_SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
     "describe": {"temperature": 0.2, "top_p": 0.95, "max_tokens": 2048, "seed": 0},
@@ -360,6 +363,8 @@ class TeacherStage:
     # -- batch mode ---------------------------------------------------------------------------
 
     def _batch_runner(self) -> BatchRunner:
+        from pipeline.synthesis.batch.runner import BatchRunner  # the openai client: only when used
+
         with self._counters:
             if self._batch is None:
                 self._batch = BatchRunner(self.teacher, self.cache, self.name,

@@ -35,7 +35,6 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PermanentError
@@ -54,8 +53,15 @@ from pipeline.synthesis.batch.lines import (
     parse_line,
     read_line,
 )
-from pipeline.synthesis.batch.state import PENDING_REMOTE, TERMINAL_REMOTE, BatchState, Job, LineRef
-from pipeline.synthesis.cache import RequestCache
+from pipeline.synthesis.batch.state import (
+    PENDING_REMOTE,
+    TERMINAL_REMOTE,
+    BatchScope,
+    BatchState,
+    Job,
+    LineRef,
+)
+from pipeline.synthesis.cache import RequestCache, response_to_cache
 from pipeline.synthesis.teachers.base import TeacherError, TeacherRequest, TeacherResponse
 
 log = logging.getLogger(__name__)
@@ -79,20 +85,6 @@ class BatchesPending(Exception):
 class BatchCancelled(RuntimeError, PermanentError):
     """Batches were cancelled on request (``--cancel-batches``): their finished lines are kept;
     a re-run submits the rest again."""
-
-
-@dataclass
-class BatchScope:
-    """What a stage's batches are labelled with (their metadata and state rows)."""
-
-    run: str = ""
-    config: str = ""
-
-
-def response_to_cache(resp: TeacherResponse) -> dict:
-    return {"text": resp.text, "reasoning": resp.reasoning, "prompt_tokens": resp.prompt_tokens,
-            "completion_tokens": resp.completion_tokens, "finish_reason": resp.finish_reason,
-            "model": resp.model}
 
 
 def make_api(teacher, work_dir: Path):

@@ -94,6 +94,14 @@ class Job:
 
 
 @dataclass
+class BatchScope:
+    """What a stage's batches are labelled with (their metadata and state rows)."""
+
+    run: str = ""
+    config: str = ""
+
+
+@dataclass
 class LineRef:
     """A request in a job: its ``custom_id`` (the request-cache key) and where its line is."""
 
