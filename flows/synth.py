@@ -294,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.synthesis.projection import projection_text
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         print(f"# digest {config.digest()}")
-        print(projection_text(config))
+        try:  # the projection reads a few seeds: a seed source it cannot read is no config error
+            print(projection_text(config))
+        except Exception as err:  # noqa: BLE001 - reported, --check still validated the config
+            print(f"# projected teacher cost unavailable: {type(err).__name__}: {err}")
         return 0
     if args.batches or args.cancel_batches:
         return _batch_command(args, config)

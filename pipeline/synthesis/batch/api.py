@@ -85,6 +85,7 @@ class OpenAIBatchAPI:
     retry settings, breaker and redaction are used)."""
 
     name = "openai"
+    max_poll_s: float | None = None  # back off up to batch.poll_max_s
 
     def __init__(self, teacher, rng: random.Random | None = None, sleep: Callable[[float], None] = time.sleep):
         self.teacher, self.config = teacher, teacher.config

@@ -62,6 +62,7 @@ class OfflineBatchAPI:
 
     name = "vllm-offline"
     endpoint = "vllm-offline"
+    max_poll_s = 2.0  # a look is a stat of local files: no need to back off far
 
     def __init__(self, config: TeacherConfig, work_dir: Path):
         self.config, self.serve = config, config.serve

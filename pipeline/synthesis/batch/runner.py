@@ -112,6 +112,9 @@ class BatchRunner:
         self.state = BatchState(cache.path)
         self.limits = Limits(self.config.max_requests_per_file, self.config.max_file_bytes,
                              self.config.max_enqueued_tokens)
+        cap = getattr(self.api, "max_poll_s", None) or self.config.poll_max_s
+        self.poll_max_s = min(self.config.poll_max_s, cap)  # a local engine is looked at often
+        self.poll_initial_s = min(self.config.poll_initial_s, self.poll_max_s)
         self._sleep = sleep
         self._lock = threading.Lock()
         self._job_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -225,7 +228,7 @@ class BatchRunner:
                 raise BatchesPending(self.stage, waiting)
             now = time.monotonic()
             due = min((self._due.get(j.uid, now) for j in jobs if j is not None), default=now)
-            self._sleep(min(max(due - now, 0.0), self.config.poll_max_s))
+            self._sleep(min(max(due - now, 0.0), self.poll_max_s))
 
     def _step(self, job: Job, on_result: OnBatchResult, delivered: set[str]) -> bool:
         """Do what is due for ``job``; True when something changed (no need to sleep)."""
@@ -308,7 +311,7 @@ class BatchRunner:
             if budget is not None:
                 queued = self.state.enqueued_tokens(job.model, job.endpoint)
                 if queued and queued + job.est_tokens > budget:
-                    self._wait(job, self.config.poll_initial_s)
+                    self._wait(job, self.poll_initial_s)
                     return False
             self.state.update(job, status="submitting")
             try:
@@ -324,7 +327,7 @@ class BatchRunner:
             for ref in self.state.lines(job.uid):
                 self._batches_of[ref.custom_id].append(found.id)
         log.info("stage %s: batch %s submitted (job %s, %d requests)", self.stage, found.id, job.uid, job.n_requests)
-        self._interval[job.uid] = self.config.poll_initial_s
+        self._interval[job.uid] = self.poll_initial_s
         self._wait(job, 0.0)
         return True
 
@@ -348,9 +351,9 @@ class BatchRunner:
             return self._failed_batch(job, batch)
         if batch.status in TERMINAL_REMOTE:
             return True
-        interval = self._interval.get(job.uid, self.config.poll_initial_s)
+        interval = self._interval.get(job.uid, self.poll_initial_s)
         changed = before != (job.status, job.completed, job.failed)
-        interval = self.config.poll_initial_s if changed else min(interval * 2, self.config.poll_max_s)
+        interval = self.poll_initial_s if changed else min(interval * 2, self.poll_max_s)
         self._interval[job.uid] = interval
         self._wait(job, interval)
         return False
@@ -365,10 +368,10 @@ class BatchRunner:
             if others:  # our own batches fill the queue: submit again once one has finished
                 log.info("stage %s: batch %s over the enqueued-token limit; waiting for %d running "
                          "batch(es) to drain", self.stage, batch.id, len(others))
-                self._wait(job, self.config.poll_initial_s)
+                self._wait(job, self.poll_initial_s)
             else:  # someone else's batches, or this file alone: a refusal that may repeat
                 self.teacher.breaker.refused(f"batch {batch.id} failed: {text}")
-                self._wait(job, self.config.poll_max_s)
+                self._wait(job, self.poll_max_s)
             return False
         self.state.update(job, error=f"batch {batch.id}: {text}")
         self.teacher.breaker.refused(f"batch {batch.id} failed: {text}")
@@ -498,7 +501,7 @@ class BatchRunner:
         self._fail_lines(job, f"batch job {job.uid}: {why}")
 
     def _backoff(self, job: Job) -> float:
-        interval = min(self._interval.get(job.uid, self.config.poll_initial_s / 2) * 2, self.config.poll_max_s)
+        interval = min(self._interval.get(job.uid, self.poll_initial_s / 2) * 2, self.poll_max_s)
         self._interval[job.uid] = interval
         return interval
 
