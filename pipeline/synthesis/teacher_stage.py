@@ -19,6 +19,7 @@ A teacher in ``mode: batch`` sends the misses through a
 offline engine), into the same cache; :meth:`TeacherStage.prefetch` submits a whole shard's
 first-attempt requests at once before the shard runs, so the batches are as large as the shard.
 Answers a batch brought in this process count as sent (``cached: false``), not as cache hits.
+(Over 400 lines: the online and batch paths share the per-record logic, which stays in one class.)
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ account's newest batches are listed to find this stage's by metadata.
 
 With ``wait=False`` (``--no-wait``) :meth:`collect` submits, checks each batch once, collects
 what ended, and raises :class:`BatchesPending` while batches still run.
+
+One file of ~550 lines on purpose: it is one state machine, and every transition (with the state
+write around its API call) reads in one place.
 """
 
 from __future__ import annotations
