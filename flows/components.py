@@ -21,10 +21,11 @@ from typing import Any
 
 from flows.config import StagesConfig, SynthConfig
 from pipeline.configio import to_dict
-from pipeline.executor import StageReport, run_stage
+from pipeline.executor import TRANSIENT_REASONS, StageReport, run_stage
 from pipeline.ids import stable_hash
 from pipeline.plan import Plan, plan_of
 from pipeline.store import Partition, WorkStore
+from pipeline.synthesis.batch.runner import BatchesPending
 from pipeline.synthesis.vllm_server import VLLMServer, serving
 
 STAGE_NAMES_WITH_TEACHERS = tuple(f.name for f in fields(StagesConfig))
@@ -83,23 +84,28 @@ def preflight(config: SynthConfig, plan: Plan | None = None) -> list[str]:
     return checked
 
 
+def served_teachers(config: SynthConfig) -> dict[str, Any]:
+    """Stage name -> teacher config, for the teachers that need a managed vLLM server (``serve``
+    in mode online; in mode batch vLLM's offline engine runs per batch instead)."""
+    return {name: teacher for name in STAGE_NAMES_WITH_TEACHERS
+            if (teacher := getattr(config.stages, name).teacher).serve is not None and teacher.mode == "online"}
+
+
 def has_managed_servers(config: SynthConfig) -> bool:
-    return any(getattr(config.stages, name).teacher.serve is not None for name in STAGE_NAMES_WITH_TEACHERS)
+    return bool(served_teachers(config))
 
 
 @contextlib.contextmanager
 def managed_servers(config: SynthConfig, log_dir: Path) -> Iterator[SynthConfig]:
-    """Start the vLLM servers that teachers with ``serve`` ask for (one per distinct server and
-    model), yield ``config`` with those teachers' ``base_url`` pointing at them, stop them all
+    """Start the vLLM servers that teachers with ``serve`` in mode online ask for (one per
+    distinct server and model), yield ``config`` with those teachers' ``base_url`` pointing at them, stop them all
     at the end. A config without ``serve`` passes through unchanged."""
     wanted: dict[str, list[str]] = {}  # server identity -> stage names
     teachers = {}
-    for name in STAGE_NAMES_WITH_TEACHERS:
-        teacher = getattr(config.stages, name).teacher
-        if teacher.serve is not None:
-            identity = stable_hash({"serve": asdict(teacher.serve), "model": teacher.model})
-            wanted.setdefault(identity, []).append(name)
-            teachers.setdefault(identity, teacher)
+    for name, teacher in served_teachers(config).items():
+        identity = stable_hash({"serve": asdict(teacher.serve), "model": teacher.model})
+        wanted.setdefault(identity, []).append(name)
+        teachers.setdefault(identity, teacher)
     servers = {identity: VLLMServer(teacher.serve, teacher.model,  # <store>/logs/vllm-reason-anchor.log
                                     log_dir / f"vllm-{'-'.join(wanted[identity])}.log")
                for identity, teacher in teachers.items()}
@@ -113,6 +119,13 @@ def managed_servers(config: SynthConfig, log_dir: Path) -> Iterator[SynthConfig]
                 stage = getattr(stages, name)
                 stages = replace(stages, **{name: replace(stage, teacher=replace(stage.teacher, base_url=url))})
         yield replace(config, stages=stages)
+
+
+def batch_state_path(config: SynthConfig) -> Path | None:
+    """The SQLite holding the run's batch jobs, when a teacher runs in mode batch."""
+    if any(getattr(config.stages, name).teacher.mode == "batch" for name in STAGE_NAMES_WITH_TEACHERS):
+        return config.run.request_cache_path()
+    return None
 
 
 def run_seeds(config: SynthConfig, plan: Plan | None = None,
@@ -134,18 +147,30 @@ def run_shard(name: str, shard: int, config: SynthConfig, plan: Plan | None = No
     plan = plan_of(plan)
     store = WorkStore(config.run.store_dir)
     partition = Partition(shard, config.run.n_shards)
-    inputs = store.stage(plan.input_of(name)).iter_records(partition)
+    source = store.stage(plan.input_of(name))
     started = time.time()
     stage, lock = STAGE_POOL.get(plan.get(name), config)
-    with lock:
-        before = _usage(stage)
-        report = run_stage(stage, store.stage(name), inputs, shard_size=config.run.shard_size,
-                           progress=progress, partition=partition, on_batch=on_batch)
-        after = _usage(stage)
+    batched: dict | None = None
+    try:
+        if getattr(stage, "batch_mode", False):  # outside the lock: shards' batches run together
+            done = store.stage(name).done_ids(TRANSIENT_REASONS, partition)
+            batched = stage.prefetch(lambda: (r for r in source.iter_records(partition) if r["id"] not in done),
+                                     shard)
+        with lock:
+            before = _usage(stage)
+            report = run_stage(stage, store.stage(name), source.iter_records(partition),
+                               shard_size=config.run.shard_size, progress=progress, partition=partition,
+                               on_batch=on_batch)
+            after = _usage(stage)
+    except BatchesPending as pending:  # --no-wait: submitted; a re-run collects
+        return {**_report(StageReport(name), started), "shard": shard,
+                "batch_pending": len(pending.jobs), "batch_message": str(pending)}
     out = _report(report, started)
     if after is not None:
         out["usage"] = {k: round(after[k] - before[k], 6) if k == "cost_usd" else after[k] - before[k]
                         for k in USAGE_KEYS}
+        if batched is not None:
+            out["usage"] = {k: round(out["usage"][k] + batched[k], 6) for k in USAGE_KEYS}
     return {**out, "shard": shard}
 
 

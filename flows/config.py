@@ -59,6 +59,10 @@ class RunConfig:
         "help": "Seconds between Prefect task retries.", "volatile": True})
     progress: bool = field(default=True, metadata={
         "help": "Show per-task progress bars (tqdm, stderr).", "volatile": True})
+    batch_wait: bool = field(default=True, metadata={
+        "help": "Teachers in mode batch: wait for their batches (true), or submit them and stop "
+                "(false, `--no-wait`: exit code 4 while batches run; re-running the same config "
+                "collects what finished).", "volatile": True})
 
     def __post_init__(self):
         for name in ("shard_size", "n_shards", "max_workers"):

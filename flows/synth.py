@@ -9,9 +9,16 @@ or as the deployment ``synth/avar`` (see flows/deploy.py and scripts/prefect_loc
 Exit codes of ``python -m flows.synth``: 0 published; 2 a configuration or endpoint problem
 found before any work (the message names the key), or a managed vLLM server (``teacher.serve``)
 that did not start; 1 a stage stopped (e.g. the teacher's
-circuit breaker: the same refusal again and again, or a server that went away); 3 the run
+circuit breaker: the same refusal again and again, or a server that went away; or batches
+cancelled with ``--cancel-batches``); 3 the run
 finished but no sample survived (nothing published; the card and ``run_summary.json`` show
-the funnel and the reject reasons).
+the funnel and the reject reasons); 4 (``--no-wait``) teachers in ``mode: batch`` have batches
+still running: nothing was published, and re-running the same command collects what finished
+(and exits 4 again until every stage is done).
+
+Batch teachers: ``--batches`` lists the run's batches (stage, shard, batch id, status, requests),
+``--cancel-batches`` cancels those still running (their finished lines are kept; a re-run
+submits the rest), ``--check`` prints the projected teacher cost before anything is sent.
 
 Orchestration only: each task calls one function of :mod:`flows.components`, which calls the
 pipeline. Seed ids are split into ``run.n_shards`` partitions; every per-shard stage is mapped
@@ -57,6 +64,7 @@ from pipeline.store import WorkStore
 from pipeline.synthesis.vllm_server import ServerStartError
 
 EXIT_NOTHING_PUBLISHED = 3  # the run finished, but no sample survived (the card says why)
+EXIT_BATCHES_PENDING = 4  # --no-wait: batches still run; re-run the same command to collect
 
 
 def _retryable(task, task_run, state) -> bool:
@@ -98,6 +106,9 @@ def shard_task(stage: str, shard: int, config: SynthConfig, upstream: dict | Non
     # ``upstream`` (shard k of the previous stage) only orders the tasks. No progress bar here:
     # parallel tasks' bars would overwrite each other; the flow prints one line per shard.
     report = components.run_shard(stage, shard, config)
+    if report.get("batch_pending"):
+        get_run_logger().info("%s shard %d: %s", stage, shard, report["batch_message"])
+        return {**report, "shard": shard}
     get_run_logger().info("%s shard %d: %d results, %d rejects, %d skipped (done before) in %.1fs",
                           stage, shard, report["results"], report["rejects"], report["skipped"],
                           report["finished"] - report["started"])
@@ -177,7 +188,8 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
             previous: list = [None] * len(shards)
             per_stage: dict[str, list] = {}
             stage_names = [s.name for s in DEFAULT_PLAN.of_scope("shard")]
-            progress = RunProgress(stage_names, config.run.n_shards, logger)
+            progress = RunProgress(stage_names, config.run.n_shards, logger,
+                                   batch_state=components.batch_state_path(config))
             progress.start()
             for stage in stage_names:
                 task_for_stage = shard_task.with_options(
@@ -187,7 +199,16 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
                         "stage": unmapped(stage), "shard": shards,
                         "config": unmapped(config), "upstream": previous})
                 per_stage[stage] = previous
-            reports = _gather(per_stage, progress)
+            try:
+                reports = _gather(per_stage, progress)
+            finally:
+                progress.stop()
+            pending = {stage: sum(r.get("batch_pending", 0) for r in rs) for stage, rs in reports.items()}
+            pending = {stage: n for stage, n in pending.items() if n}
+            if pending:  # --no-wait: nothing downstream is complete; filter and publish later
+                logger.warning("batches still running (%s): nothing filtered or published; re-run the "
+                               "same command to collect them", ", ".join(f"{s} {n}" for s, n in pending.items()))
+                return _pending_summary(config_path, config, store, started, seeds, reports, pending)
             filtered = runner.submit(filter_task.with_options(**retry), {"config": config}).result()
             published = runner.submit(publish_task.with_options(**retry),
                                       {"config": config, "filtered": filtered}).result()
@@ -213,6 +234,37 @@ def synth(config_path: str = "configs/demo.yaml", overrides: list[str] | None = 
     return summary
 
 
+def _pending_summary(config_path: str, config: SynthConfig, store: WorkStore, started: float,
+                     seeds: dict, reports: dict, pending: dict[str, int]) -> dict:
+    summary = {"config_path": config_path, "config_digest": config.digest(),
+               "store_dir": str(config.run.store_dir), "seconds": time.time() - started,
+               "runner": config.run.runner, "flow_pid": os.getpid(), "seeds": seeds, "stages": reports,
+               "batches_pending": pending}
+    write_json_atomic(store.root / "run_summary.json", summary)
+    return summary
+
+
+def _batch_command(args, config: SynthConfig) -> int:
+    """``--batches`` / ``--cancel-batches``: a table of the run's batch jobs."""
+    from pipeline.synthesis.batch.manage import cancel_batches, list_batches
+
+    teachers = {name: getattr(config.stages, name).teacher for name in components.STAGE_NAMES_WITH_TEACHERS}
+    cache = config.run.request_cache_path()
+    rows = cancel_batches(cache, teachers) if args.cancel_batches else list_batches(cache, teachers)
+    if not rows:
+        print(f"no {'running ' if args.cancel_batches else ''}batches in {cache}")
+        return 0
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+    if args.cancel_batches:
+        print(f"cancel requested for {len(rows)} batch job(s); finished lines are kept: re-run the "
+              "same command to collect them and submit the rest")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.synth", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config file")
@@ -220,7 +272,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value, e.g. --set run.n_shards=8 (repeatable)")
     parser.add_argument("--check", action="store_true", help="validate the config, print it, and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its help")
+    parser.add_argument("--no-wait", action="store_true",
+                        help=f"teachers in mode batch: submit their batches and exit "
+                             f"({EXIT_BATCHES_PENDING} while any still runs); re-run to collect")
+    parser.add_argument("--batches", action="store_true", help="list the run's batches and exit")
+    parser.add_argument("--cancel-batches", action="store_true",
+                        help="cancel the run's running batches (finished lines are kept) and exit")
     args = parser.parse_args(argv)
+    if args.no_wait:
+        args.overrides.append("run.batch_wait=false")
     if args.help_config:
         for key, type_name, text in config_help(SynthConfig):
             print(f"{key} ({type_name}): {text}")
@@ -234,9 +294,16 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         from pipeline.configio import to_dict
+        from pipeline.synthesis.projection import projection_text
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         print(f"# digest {config.digest()}")
+        try:  # the projection reads a few seeds: a seed source it cannot read is no config error
+            print(projection_text(config))
+        except Exception as err:  # noqa: BLE001 - reported, --check still validated the config
+            print(f"# projected teacher cost unavailable: {type(err).__name__}: {err}")
         return 0
+    if args.batches or args.cancel_batches:
+        return _batch_command(args, config)
     try:
         managed = components.has_managed_servers(config)
         if not managed:  # before Prefect starts: a wrong endpoint costs seconds
@@ -247,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(err, ConfigError | ServerStartError) else 1
     finally:
         components.STAGE_POOL.close()
+    if summary.get("batches_pending"):
+        print(f"batches still running ({', '.join(f'{s}: {n}' for s, n in summary['batches_pending'].items())}); "
+              "nothing published yet: re-run the same command to collect them (--batches lists them)")
+        return EXIT_BATCHES_PENDING
     published = summary["published"]
     if not published.get("splits"):
         print(f"nothing published: no sample survived (reject reasons in {published.get('card_path')} "

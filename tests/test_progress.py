@@ -49,3 +49,34 @@ def test_final_tables_have_labels_and_plain_cells():
                                     "Prompt tokens": 20, "Completion tokens": 10, "Est. cost (USD)": "0.2500"}]
     for row in rows + usage_rows(summary):
         assert not any(isinstance(v, dict | list) for v in row.values())
+
+
+def test_batch_status_of_each_shard_reaches_the_table_and_the_console(tmp_path, caplog):
+    from pipeline.synthesis.batch.state import BatchState, Job, LineRef
+
+    state = BatchState(tmp_path / "requests.sqlite")
+
+    def job(uid, stage, shard, status, **counts):
+        job = Job(uid=uid, stage=stage, shard=shard, model="m", endpoint="e", run="r", config="c",
+                  status=status, remote_status=status, input_path=None, n_requests=64, n_bytes=1,
+                  est_tokens=1)
+        state.add_job(job, [LineRef(f"{uid}-{i}", i, 1) for i in range(2)])
+        return state.update(job, **counts) if counts else job
+
+    running = job("a", "describe", 0, "in_progress", total=64, completed=38, failed=2)
+    job("b", "describe", 1, "validating")
+    progress = RunProgress(["describe", "reason"], n_shards=2, logger=logging.getLogger("t"), artifacts=False,
+                           batch_state=tmp_path / "requests.sqlite")
+    with caplog.at_level(logging.INFO, logger="t"):
+        assert progress.watch_batches_once() == ["[batches] describe shard 0: in progress 40/64",
+                                                 "[batches] describe shard 1: validating"]
+        assert progress.watch_batches_once() == []  # nothing changed: nothing printed
+        state.update(running, status="finalizing", remote_status="finalizing")
+        assert progress.watch_batches_once() == ["[batches] describe shard 0: finalizing"]
+        state.collected_with(running, {"a-0": "ok", "a-1": "ok"}, [])
+        assert progress.watch_batches_once() == ["[batches] describe shard 0: completed"]
+    describe, reason = progress.rows()
+    assert describe["Batches"] == "shard 0: completed; shard 1: validating" and reason["Batches"] == "none"
+    assert [r.getMessage() for r in caplog.records][-1] == "[batches] describe shard 0: completed"
+    plain = RunProgress(["describe"], n_shards=1, artifacts=False)  # no batch teacher: no column
+    assert "Batches" not in plain.rows()[0]

@@ -338,7 +338,9 @@ def _prices(provenance: dict | None, stage: str) -> tuple[float, float] | None:
     price_in, price_out = teacher.get("price_input_per_mtok"), teacher.get("price_output_per_mtok")
     if price_in is None and price_out is None:
         return None
-    return float(price_in or 0.0), float(price_out or 0.0)
+    # a teacher in mode batch pays its prices times batch_discount (the providers' Batch APIs)
+    factor = float(teacher.get("batch_discount", 1.0)) if teacher.get("mode") == "batch" else 1.0
+    return factor * float(price_in or 0.0), factor * float(price_out or 0.0)
 
 
 def _usage_rows(usage: dict[str, dict], provenance: dict | None) -> list[dict]:

@@ -25,7 +25,14 @@ def request_key(backend: str, model: str, stage: str, template_sha256: str, samp
                         "sample": sample_id, "rollout": rollout})
 
 
-def _retry_locked(statement, attempts: int = 200, pause_s: float = 0.05):
+def response_to_cache(resp) -> dict:
+    """What the cache stores of a :class:`~pipeline.synthesis.teachers.base.TeacherResponse`."""
+    return {"text": resp.text, "reasoning": resp.reasoning, "prompt_tokens": resp.prompt_tokens,
+            "completion_tokens": resp.completion_tokens, "finish_reason": resp.finish_reason,
+            "model": resp.model}
+
+
+def retry_locked(statement, attempts: int = 200, pause_s: float = 0.05):
     """Run ``statement``, retrying while another process holds the lock.
 
     Switching the journal mode needs an exclusive lock and SQLite does not call its busy handler
@@ -47,14 +54,14 @@ class RequestCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         con = self._conn()
-        _retry_locked(lambda: con.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, stage TEXT,"
+        retry_locked(lambda: con.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, stage TEXT,"
                         " response TEXT NOT NULL, created REAL DEFAULT (unixepoch('subsec')))"))
 
     def _conn(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
             con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            _retry_locked(lambda: con.execute("PRAGMA journal_mode=WAL"))
+            retry_locked(lambda: con.execute("PRAGMA journal_mode=WAL"))
             con.execute("PRAGMA synchronous=NORMAL")
             self._local.con = con
         return con

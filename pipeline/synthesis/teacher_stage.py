@@ -13,21 +13,32 @@ truncated, a changed answer). Transport failures are not re-rolled: the teacher 
 Each stage instance owns one private event-loop thread, so ``run`` works the same from plain
 code, from a thread pool and from inside a running event loop, and HTTP connections survive
 across batches. Close it with :meth:`TeacherStage.close` or a ``with`` block.
+
+A teacher in ``mode: batch`` sends the misses through a
+:class:`~pipeline.synthesis.batch.runner.BatchRunner` instead (a provider's Batch API, or vLLM's
+offline engine), into the same cache; :meth:`TeacherStage.prefetch` submits a whole shard's
+first-attempt requests at once before the shard runs, so the batches are as large as the shard.
+Answers a batch brought in this process count as sent (``cached: false``), not as cache hits.
+(Over 400 lines: the online and batch paths share the per-record logic, which stays in one class.)
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from pipeline.ids import stable_hash
 from pipeline.records import Reject, utcnow
-from pipeline.synthesis.cache import RequestCache, request_key
+from pipeline.store import shard_of
+from pipeline.synthesis.batch.state import BatchScope
+from pipeline.synthesis.cache import RequestCache, request_key, response_to_cache
 from pipeline.synthesis.loop import LoopThread
 from pipeline.synthesis.prompts import PromptError, load_template
 from pipeline.synthesis.teachers import build_teacher
@@ -39,6 +50,9 @@ from pipeline.synthesis.teachers.base import (
     TeacherResponse,
 )
 from pipeline.synthesis.usage import UsageTotals, cost_usd
+
+if TYPE_CHECKING:
+    from pipeline.synthesis.batch.runner import BatchRunner
 
 STAGE_SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
     "describe": {"temperature": 0.2, "top_p": 0.95, "max_tokens": 2048, "seed": 0},
@@ -69,12 +83,6 @@ class StageConfig:
     def __post_init__(self):
         if self.rollouts < 1:
             raise ValueError(f"rollouts must be >= 1, got {self.rollouts}")
-
-
-def _response_to_cache(resp: TeacherResponse) -> dict:
-    return {"text": resp.text, "reasoning": resp.reasoning, "prompt_tokens": resp.prompt_tokens,
-            "completion_tokens": resp.completion_tokens, "finish_reason": resp.finish_reason,
-            "model": resp.model}
 
 
 def _response_from_cache(data: dict) -> TeacherResponse:
@@ -121,10 +129,13 @@ class TeacherStage:
     def from_config(cls, config) -> TeacherStage:
         """The stage as the synthesis config asks (``config.stages.<name>``, the run's request
         cache); the three teacher stages share one SQLite cache, keyed by stage."""
-        return cls(getattr(config.stages, cls.name), cache=config.run.request_cache_path(), progress=False)
+        scope = BatchScope(run=Path(config.run.store_dir).name, config=config.digest()[:16])
+        return cls(getattr(config.stages, cls.name), cache=config.run.request_cache_path(), progress=False,
+                   batch_scope=scope, batch_wait=config.run.batch_wait, n_shards=config.run.n_shards)
 
     def __init__(self, config: StageConfig | None = None, cache: RequestCache | str | Path | None = None,
-                 teacher: Teacher | None = None, progress: bool | None = None):
+                 teacher: Teacher | None = None, progress: bool | None = None,
+                 batch_scope: BatchScope | None = None, batch_wait: bool = True, n_shards: int = 1):
         self.config = config or StageConfig()
         self.template = load_template(self.config.template or self.name, self.config.templates_dir)
         self.teacher = teacher or build_teacher(self.config.teacher)
@@ -137,6 +148,15 @@ class TeacherStage:
         self.usage = UsageTotals()  # requests actually sent
         self.cache_hits = 0
         self._counters = threading.Lock()  # run() may be called from several worker threads
+        self.batch_scope, self.batch_wait, self.n_shards = batch_scope or BatchScope(), batch_wait, n_shards
+        self._batch: BatchRunner | None = None
+        if self.batch_mode and self.cache is None:
+            raise ValueError(f"stage {self.name}: teacher mode batch needs a request cache (its batch "
+                             "state lives in the cache's SQLite file)")
+
+    @property
+    def batch_mode(self) -> bool:
+        return self.teacher_config.mode == "batch"
 
     # -- public -------------------------------------------------------------------------------
 
@@ -184,10 +204,49 @@ class TeacherStage:
 
     def preflight(self) -> None:
         """Check the teacher's endpoint before any work (the model is served, max_tokens fits);
-        raises :class:`~pipeline.synthesis.teachers.base.TeacherSetupError` naming the key."""
+        raises :class:`~pipeline.synthesis.teachers.base.TeacherSetupError` naming the key. A
+        teacher on vLLM's offline batch engine has no endpoint: its interpreter is checked."""
+        if self.batch_mode and self.teacher_config.serve is not None:
+            from pipeline.synthesis.batch.offline import preflight_offline
+            preflight_offline(self.teacher_config, key_prefix=f"stages.{self.name}.teacher")
+            return
         self.teacher.preflight(self._sampling(0), key_prefix=f"stages.{self.name}.teacher")
 
+    def prefetch(self, records: Callable[[], Iterable[dict]], shard: int | None = None) -> dict:
+        """Mode batch: put every record's request into batches at once, one rollout at a time, and
+        wait for them (or, with ``batch_wait`` off, submit and raise
+        :class:`~pipeline.synthesis.batch.runner.BatchesPending`); then :meth:`run` over the same
+        records finds every answer in the cache. ``records()`` yields the records not done yet
+        (called once per rollout: nothing is held in memory but ids). Rollout r+1 is sent for
+        the records whose rollout r was unusable, as :meth:`run` would. Returns the usage."""
+        usage, lock = UsageTotals(), threading.Lock()
+        failed: dict[str, TeacherError] = {}
+
+        def on_result(key: str, result, collected: bool) -> None:
+            with lock:
+                if collected:
+                    usage.add(result)
+                if isinstance(result, TeacherError):
+                    failed[key] = result
+
+        need: set[str] | None = None  # ids that still need an attempt (None: every record)
+        for rollout in range(self.config.rollouts):
+            sampling = self._sampling(rollout)
+            requests = (r for _, r in self._pending_requests(records, need, sampling, rollout))
+            self._batch_runner().collect(self._cache_misses(requests), on_result, shard)
+            if rollout + 1 == self.config.rollouts:
+                break
+            need = self._unusable(self._pending_requests(records, need, sampling, rollout), failed,
+                                  sampling, rollout)
+            if not need:
+                break
+        return {**usage.as_dict(), "cache_hits": 0,
+                "cost_usd": round(cost_usd(self.teacher_config, usage.prompt_tokens, usage.completion_tokens), 6)}
+
     def close(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
         if self._loop is not None:
             try:
                 self._loop.run(self.teacher.aclose())
@@ -287,17 +346,97 @@ class TeacherStage:
     def _fetch(self, requests: list[TeacherRequest]) -> list[tuple[TeacherResponse | TeacherError, bool]]:
         """One ``(result, served_from_cache)`` per request, in order."""
         hits = self.cache.get_many([r.key for r in requests]) if self.cache is not None else {}
+        sent = self._batch.take_fresh(hits) if self._batch is not None else set()  # batched here
         with self._counters:
-            self.cache_hits += sum(1 for r in requests if r.key in hits)
+            self.cache_hits += sum(1 for r in requests if r.key in hits and r.key not in sent)
         misses = [r for r in requests if r.key not in hits]
         fresh: dict[str, TeacherResponse | TeacherError] = {}
-        if misses:
+        if misses and self.batch_mode:
+            fresh = self._send_batch(misses)
+        elif misses:
             with self._counters:
                 if self._loop is None:
                     self._loop = LoopThread(f"avar-{self.name}-loop")
             fresh = self._loop.run(self._send(misses))
-        return [(_response_from_cache(hits[r.key]), True) if r.key in hits else (fresh[r.key], False)
+        return [(_response_from_cache(hits[r.key]), r.key not in sent) if r.key in hits else (fresh[r.key], False)
                 for r in requests]
+
+    # -- batch mode ---------------------------------------------------------------------------
+
+    def _batch_runner(self) -> BatchRunner:
+        from pipeline.synthesis.batch.runner import BatchRunner  # the openai client: only when used
+
+        with self._counters:
+            if self._batch is None:
+                self._batch = BatchRunner(self.teacher, self.cache, self.name,
+                                          self.cache.path.parent / "batches" / self.name,
+                                          scope=self.batch_scope, wait=self.batch_wait)
+            return self._batch
+
+    def _send_batch(self, requests: list[TeacherRequest]) -> dict[str, TeacherResponse | TeacherError]:
+        wanted = {r.key for r in requests}
+        results: dict[str, TeacherResponse | TeacherError] = {}
+
+        def on_result(key: str, result, collected: bool) -> None:
+            with self._counters:
+                if collected:
+                    self.usage.add(result)
+                if key in wanted:
+                    results[key] = result
+
+        runner = self._batch_runner()
+        runner.collect(requests, on_result, shard_of(requests[0].record["id"], self.n_shards))
+        runner.take_fresh(results)  # reported here as sent, not later as cache hits
+        missing = wanted - set(results)
+        if missing:
+            raise RuntimeError(f"teacher {self.teacher.model}: the batches returned no result for "
+                               f"{len(missing)} request(s) of stage {self.name}")
+        return results
+
+    def _pending_requests(self, records: Callable[[], Iterable[dict]], need: set[str] | None,
+                          sampling: dict, rollout: int) -> Iterator[tuple[str, TeacherRequest]]:
+        """``(record id, request)`` of attempt ``rollout`` for the records in ``need``. The
+        requests keep their record (images included) only while the caller holds them."""
+        for record in records():
+            if need is not None and record.get("id") not in need:
+                continue
+            prepared = self._prepare(record)
+            if not isinstance(prepared, Reject):  # run() rejects it again, with its reason
+                yield record["id"], self._request(_Pending(0, record, prepared), sampling, rollout)
+
+    def _unusable(self, pending: Iterable[tuple[str, TeacherRequest]], failed: dict[str, TeacherError],
+                  sampling: dict, rollout: int, chunk: int = 256) -> set[str]:
+        """Ids whose attempt ``rollout`` came back unusable (a reason another rollout may fix)."""
+        out: set[str] = set()
+        batch: list[tuple[str, TeacherRequest]] = []
+        for item in itertools.chain(pending, [None]):  # None flushes the last chunk
+            if item is not None:
+                batch.append(item)
+                if len(batch) < chunk:
+                    continue
+            hits = self.cache.get_many([r.key for _, r in batch])
+            for rid, request in batch:
+                result = _response_from_cache(hits[request.key]) if request.key in hits else failed.get(request.key)
+                if result is None:
+                    continue
+                outcome = self._outcome(request.record, result, True, sampling, rollout)
+                if isinstance(outcome, Reject) and outcome.reason in REROLL_REASONS:
+                    out.add(rid)
+            batch = []
+        return out
+
+    def _cache_misses(self, requests: Iterable[TeacherRequest], chunk: int = 256) -> Iterator[TeacherRequest]:
+        batch: list[TeacherRequest] = []
+        for request in requests:
+            batch.append(request)
+            if len(batch) >= chunk:
+                yield from self._drop_hits(batch)
+                batch = []
+        yield from self._drop_hits(batch)
+
+    def _drop_hits(self, requests: list[TeacherRequest]) -> list[TeacherRequest]:
+        hits = self.cache.get_many([r.key for r in requests]) if requests else {}
+        return [r for r in requests if r.key not in hits]
 
     async def _send(self, requests: list[TeacherRequest]) -> dict[str, TeacherResponse | TeacherError]:
         results: dict[str, TeacherResponse | TeacherError] = {}
@@ -307,7 +446,7 @@ class TeacherStage:
         def on_result(i: int, result: TeacherResponse | TeacherError) -> None:
             request = requests[i]
             if isinstance(result, TeacherResponse) and self.cache is not None:
-                self.cache.put(request.key, _response_to_cache(result), self.name)
+                self.cache.put(request.key, response_to_cache(result), self.name)
             with self._counters:
                 self.usage.add(result)
             results[request.key] = result

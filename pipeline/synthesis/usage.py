@@ -2,7 +2,7 @@
 
 One formula (:func:`token_cost_usd`) serves the live run report, the stage summaries and the
 data card; prices come from each teacher's config (``price_input_per_mtok``,
-``price_output_per_mtok``).
+``price_output_per_mtok``), times ``batch_discount`` for a teacher in mode batch.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ def token_cost_usd(prompt_tokens: int, completion_tokens: int, price_input_per_m
 
 
 def cost_usd(config: Any, prompt_tokens: int, completion_tokens: int) -> float:
-    """:func:`token_cost_usd` at the prices of a teacher config."""
-    return token_cost_usd(prompt_tokens, completion_tokens, config.price_input_per_mtok,
-                          config.price_output_per_mtok)
+    """:func:`token_cost_usd` at the prices of a teacher config, times its ``batch_discount``
+    when it runs in mode batch."""
+    factor = config.price_factor() if hasattr(config, "price_factor") else 1.0
+    return factor * token_cost_usd(prompt_tokens, completion_tokens, config.price_input_per_mtok,
+                                   config.price_output_per_mtok)
 
 
 @dataclass

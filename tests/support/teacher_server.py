@@ -1,7 +1,9 @@
 """A real OpenAI-compatible chat server on 127.0.0.1 for tests and benchmarks, with faults on demand.
 
 It serves ``POST /v1/chat/completions`` and ``GET /v1/models`` over aiohttp in a background
-thread. Images arrive as base64 data URLs; the server decodes them and recognises the seed record
+thread, and the Batch API (``/v1/files``, ``/v1/batches``: :mod:`tests.support.teacher_batches`,
+``server.batches``), whose lines are answered like chat requests. Images arrive as base64 data
+URLs; the server decodes them and recognises the seed record
 by the sha256 of the decoded bytes (register seeds with :meth:`TeacherServer.register`). The stage
 is read from the rendered prompt's heading line ``## Task: describe|reason|anchor``. The answer
 comes from a pluggable responder; the default one runs the programmatic teacher on the seed.
@@ -53,6 +55,7 @@ from PIL import Image
 
 from pipeline.images import to_data_url
 from pipeline.synthesis.teachers.base import TeacherConfig, TeacherError, TeacherRequest
+from tests.support.teacher_batches import BatchService
 
 # Model ids GET /v1/models lists by default (the ones the reliability helpers configure).
 TEST_MODELS = {"describe": "describer-test", "reason": "reasoner-test", "anchor": "anchorer-test"}
@@ -192,6 +195,7 @@ class TeacherServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
+        self.batches = BatchService(self)  # /v1/files and /v1/batches (tests/support/teacher_batches.py)
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -300,6 +304,7 @@ class TeacherServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/admin/register", self._admin_register)
         app.router.add_get("/admin/stats", self._admin_stats)
+        self.batches.routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, shutdown_timeout=1.0).start()
@@ -341,36 +346,54 @@ class TeacherServer:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
-            messages, model = body["messages"], body["model"]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, TypeError) as e:
             return _error(400, f"bad request body: {type(e).__name__}: {e}")
+        status, payload, headers = await self.complete(body)
+        if isinstance(payload, str):  # the "malformed" fault: a cut-off JSON body
+            return web.Response(status=status, content_type="application/json", text=payload)
+        return web.json_response(payload, status=status, headers=headers)
+
+    async def complete(self, body: dict, batch: bool = False) -> tuple[int, dict | str, dict | None]:
+        """One chat completion: ``(HTTP status, JSON body or cut-off text, headers)``.
+
+        The chat endpoint and the batch lines (``batch=True``: no waiting on "slow", a
+        "malformed" answer is a completion without choices, since a batch output line is JSON)
+        share it, and with it the faults, the responder and the success counter.
+        """
+        try:
+            messages, model = body["messages"], body["model"]
+        except (KeyError, TypeError) as e:
+            return _error_body(400, f"bad request body: {type(e).__name__}: {e}")
         arrived_at = time.monotonic()
         key = body_key(body)
         try:
             images, seen = _images_of(messages)
         except ValueError as e:
-            return _error(400, str(e))
+            return _error_body(400, str(e))
         stage = _stage_of(messages)
         outcome = self._draw_outcome(key)
         entry = CallLog(key=key, stage=stage, outcome=outcome, images=seen, arrived_at=arrived_at)
         with self._lock:
             self.calls.append(entry)
             self.outcomes[outcome] += 1
-        if self.latency_s:
+        if self.latency_s and not batch:
             await asyncio.sleep(self.latency_s)
         if outcome in ("500", "502", "503"):
-            return _error(int(outcome), "injected server error")
+            return _error_body(int(outcome), "injected server error")
         if outcome == "429":
-            return _error(429, "injected rate limit", headers={"Retry-After": self.retry_after})
+            return _error_body(429, "injected rate limit", headers={"Retry-After": self.retry_after})
         if outcome == "slow":
-            try:
-                await asyncio.wait_for(self._closing.wait(), self.slow_s)
-            except TimeoutError:
-                pass
-            return _error(504, "injected slow response")
+            if not batch:
+                try:
+                    await asyncio.wait_for(self._closing.wait(), self.slow_s)
+                except TimeoutError:
+                    pass
+            return _error_body(504, "injected slow response")
         if outcome == "malformed":
-            return web.Response(status=200, content_type="application/json",
-                                text='{"id": "chatcmpl-broken", "object": "chat.comp')
+            if batch:
+                return 200, {"id": f"chatcmpl-{key[:12]}", "object": "chat.completion",
+                             "created": int(time.time()), "model": model, "choices": []}, None
+            return 200, '{"id": "chatcmpl-broken", "object": "chat.comp', None
         record = self._record_for(images) if images else self._record_for_text(messages)
         sampling = {k: v for k, v in body.items() if k not in ("model", "messages")}
         call = ChatCall(key=key, model=model, stage=stage, messages=messages, images=images,
@@ -381,10 +404,10 @@ class TeacherServer:
                 text = await text
         except ResponderError as e:
             entry.outcome = f"error:{e.status}"
-            return _error(e.status, e.message)
+            return _error_body(e.status, e.message)
         except Exception as e:  # noqa: BLE001 - a broken responder must show in the client's error
             entry.outcome = "error:500"
-            return _error(500, f"responder failed: {type(e).__name__}: {e}")
+            return _error_body(500, f"responder failed: {type(e).__name__}: {e}")
         reply = text if isinstance(text, ChatReply) else ChatReply(text)
         text = reply.content
         finish = "stop"
@@ -405,11 +428,11 @@ class TeacherServer:
         if reply.reasoning is not None:
             message[reply.reasoning_field] = reply.reasoning
             completion_tokens += len(reply.reasoning.split())
-        return web.json_response({
+        return 200, {
             "id": f"chatcmpl-{key[:12]}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": [{"index": 0, "finish_reason": finish, "message": message}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}})
+                      "total_tokens": prompt_tokens + completion_tokens}}, None
 
     def _draw_outcome(self, key: str) -> str:
         with self._lock:
@@ -461,10 +484,14 @@ def _record_id(record: dict) -> str:
     return record.get("id") or hashlib.sha256(record["images"][0]["bytes"]).hexdigest()
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+def _error_body(status: int, message: str, headers: dict | None = None) -> tuple[int, dict, dict | None]:
     kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
-    return web.json_response({"error": {"message": message, "type": kind, "code": status}},
-                             status=status, headers=headers)
+    return status, {"error": {"message": message, "type": kind, "code": status}}, headers
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    status, body, headers = _error_body(status, message, headers)
+    return web.json_response(body, status=status, headers=headers)
 
 
 def _decode_data_url(url: str) -> tuple[str, bytes]:

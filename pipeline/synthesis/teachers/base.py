@@ -20,10 +20,12 @@ from typing import Any, Literal
 
 from pipeline.configio import ConfigError
 from pipeline.errors import PermanentError
+from pipeline.synthesis.batch.config import BatchConfig
 from pipeline.synthesis.vllm_server import ServeConfig
 
 Backend = Literal["openai", "programmatic"]
 Modality = Literal["vision", "text"]
+Mode = Literal["online", "batch"]
 
 
 @dataclass
@@ -50,7 +52,18 @@ class TeacherConfig:
     price_output_per_mtok: float = field(default=0.0, metadata={"volatile": True, "help": "USD per million completion tokens (cost estimate)."})
     serve: ServeConfig | None = field(default=None, metadata={"volatile": True, "help":
         "Managed vLLM: the flow starts vLLM's OpenAI server from this environment on 127.0.0.1, "
-        "sets base_url to it, and stops it at the end (backend openai; one machine)."})
+        "sets base_url to it, and stops it at the end (backend openai; one machine). With mode "
+        "batch, vLLM's offline batch engine (run-batch) runs on each batch file instead."})
+    mode: Mode = field(default="online", metadata={"volatile": True, "help":
+        "online: one HTTP request per sample; batch: the stage's requests go as JSONL files "
+        "through the provider's Batch API (/v1/files + /v1/batches; about half price, results "
+        "within the completion window), or through vLLM's offline batch engine when serve is "
+        "set. Same request cache, records and rejects either way (backend openai)."})
+    batch_discount: float = field(default=0.5, metadata={"volatile": True, "help":
+        "Mode batch: the cost estimate is the prices times this factor (the providers' Batch "
+        "APIs charge about half)."})
+    batch: BatchConfig = field(default_factory=BatchConfig, metadata={"volatile": True, "help":
+        "Mode batch: file limits, polling, resubmission (see pipeline.synthesis.batch)."})
 
     def __post_init__(self):
         # Checked here, not only in a backend, so a config file fails at load time (with the full
@@ -68,11 +81,20 @@ class TeacherConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.serve is not None and self.backend != "openai":
             raise ValueError(f"serve: a managed vLLM server is reached with backend openai, got {self.backend!r}")
+        if self.mode == "batch" and self.backend != "openai":
+            raise ValueError(f"mode: batch needs backend openai (the OpenAI files/batches protocol), "
+                             f"got {self.backend!r}")
+        if not 0 <= self.batch_discount <= 1:
+            raise ValueError(f"batch_discount: must be within 0-1, got {self.batch_discount}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ValueError(f"max_pixels: must be >= 1 or null, got {self.max_pixels}")
 
     def api_key(self) -> str:
         return os.environ.get(self.api_key_env, "EMPTY")
+
+    def price_factor(self) -> float:
+        """What the prices are multiplied by: ``batch_discount`` in mode batch, else 1."""
+        return self.batch_discount if self.mode == "batch" else 1.0
 
     def public(self) -> dict:
         """What may be written to provenance, logs and cards (never a secret)."""
@@ -139,6 +161,10 @@ class CircuitBreaker:
 
     def success(self) -> None:
         self.refusal, self.refusals, self.connection_failures = None, 0, 0
+
+    def connected(self) -> None:
+        """A call got through (a batch API call, not an answer): only the connection count resets."""
+        self.connection_failures = 0
 
     def connection_failed(self, detail: str) -> None:
         self.connection_failures += 1

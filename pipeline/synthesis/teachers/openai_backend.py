@@ -227,6 +227,14 @@ class OpenAITeacher(Teacher):
             raise ValueError(f"request {request.key}: sampling.n must be 1 (one response per "
                              f"request; use rollouts), got {request.sampling['n']!r}")
 
+    def redact(self, text: str) -> str:
+        """``text`` without the API key, cut to a readable length (for errors and logs)."""
+        return self._redact(text)
+
+    def error_detail(self, error: openai.APIStatusError) -> str:
+        """The message of an HTTP error body, redacted."""
+        return self._body_text(error)
+
     def _redact(self, text: str) -> str:
         key = self.config.api_key()
         if key and len(key) >= 4 and key != "EMPTY":
@@ -342,6 +350,12 @@ class OpenAITeacher(Teacher):
 
     def _parse(self, request: TeacherRequest, completion: Any,
                latency_s: float) -> TeacherResponse | _Failed:
+        return self.parse_completion(completion, request.sampling.get("max_tokens"), latency_s)
+
+    def parse_completion(self, completion: Any, max_tokens: int | None = None,
+                         latency_s: float = 0.0) -> TeacherResponse | _Failed:
+        """A chat completion (online, or the body of a batch output line) as a response, or as a
+        failure whose ``error.retryable`` says whether sending it again may help."""
         try:
             if not isinstance(completion, ChatCompletion) or not completion.choices:
                 raise TypeError("no choices")
@@ -356,7 +370,7 @@ class OpenAITeacher(Teacher):
             return self._failed("teacher_malformed", f"response without a usable choice ({e})")
         if finish_reason == "length":
             failure = self._failed("teacher_truncated", f"hit max_tokens="
-                                   f"{request.sampling.get('max_tokens')} (finish_reason length)",
+                                   f"{max_tokens} (finish_reason length)",
                                    retryable=False)
             failure.error.prompt_tokens, failure.error.completion_tokens = (  # type: ignore[attr-defined]
                 prompt_tokens, completion_tokens)
