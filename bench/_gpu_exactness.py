@@ -7,7 +7,7 @@ parameter gradients of an AGTO-like loss through the lens against autograd throu
 ``shape_exactness``: the real-shaped random-weight model on one long sample, split so that each
 number says one thing:
 
-- ``float32 lens vs float32 eager``: the lens' error (kernel log-sum-exp path);
+- ``float32 lens vs float32 eager``: the lens' error (one SDPA call on augmented values);
 - ``bfloat16 lens vs float32 eager``: what a bfloat16 VAS run differs from a float32 one by;
 - ``bfloat16 lens vs same q/k``: the lens against the exact float32 softmax of the very
   query/key tensors its bfloat16 layer saw (the lens' own error in bfloat16);
@@ -17,8 +17,6 @@ number says one thing:
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -48,7 +46,6 @@ def _errors(prefix: str, got: dict, ref: dict) -> dict:
 
 def tiny_exactness(device, tiny_name: str) -> dict:
     from pipeline.lens import AttentionLens
-    from pipeline.lens import modules as attention  # where the lens looks sdpa_with_lse up
     from pipeline.vlm import load_model_and_processor, resolve_model_name
     from tests.support.lens import SAMPLES, chat_batch
 
@@ -56,45 +53,27 @@ def tiny_exactness(device, tiny_name: str) -> dict:
     model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation="sdpa")
     eager, _ = load_model_and_processor(path, dtype=torch.float32, attn_implementation="eager")
     model, eager = model.to(device).eval(), eager.to(device).eval()
-    kernels: list[str] = []
-    with_lse = attention.sdpa_with_lse
-
-    def spy(module, query, key, value, mask, scale):  # which kernel gave the log-sum-exp
-        half = query.dtype != torch.float32 and query.shape[-1] <= 256
-        kernels.append("cpu flash" if query.device.type == "cpu" else "flash" if mask is None and half else "efficient")
-        return with_lse(module, query, key, value, mask, scale)
-
-    attention.sdpa_with_lse = spy
     out: dict = {}
 
-    def case(name, samples, dtype, kernel_lse):
+    def case(name, samples, dtype):
         cpu_inputs, cpu_spans = chat_batch(processor, "left", samples=samples)
         inputs, spans = to_device(cpu_inputs, device), spans_to(cpu_spans, device)
         query, image, system = spans["response"], spans["image"], spans["system"]
         attn = torch.stack(list(eager(**inputs, output_attentions=True).attentions))
         refs = {"image": (attn * image[None, :, None, None, :]).sum(-1) * query[None, :, None, :],
                 "system": (attn * system[None, :, None, None, :]).sum(-1) * query[None, :, None, :]}
-        kernels.clear()
         model.to(dtype)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with AttentionLens(model, kernel_lse=kernel_lse).capture(query, image, system) as cap:
-                model(**to_device(cpu_inputs, device, dtype))
+        with AttentionLens(model).capture(query, image, system) as cap:
+            model(**to_device(cpu_inputs, device, dtype))
         model.to(torch.float32)
         out[name] = {"padded": bool((inputs["attention_mask"] == 0).any()),
-                     "kernels": sorted(set(kernels)) or ["whole rows"],
-                     "fallback_warnings": len(caught),
                      **{f"{key}_rel_err": rel_err(cap.dense(key), ref) for key, ref in refs.items()},
                      **{f"{key}_abs_err": float((cap.dense(key) - ref).abs().max()) for key, ref in refs.items()}}
 
-    try:
-        with torch.no_grad():
-            case("float32 padded, whole rows", SAMPLES, torch.float32, False)
-            case("float32 padded, kernel lse", SAMPLES, torch.float32, True)
-            case("bfloat16 padded, kernel lse", SAMPLES, torch.bfloat16, True)
-            case("bfloat16 one sample, kernel lse", SAMPLES[2:], torch.bfloat16, True)
-    finally:
-        attention.sdpa_with_lse = with_lse
+    with torch.no_grad():
+        case("float32 padded", SAMPLES, torch.float32)
+        case("bfloat16 padded", SAMPLES, torch.bfloat16)
+        case("bfloat16 one sample", SAMPLES[2:], torch.bfloat16)
 
     cpu_inputs, cpu_spans = chat_batch(processor, "left")
     inputs, spans = to_device(cpu_inputs, device), spans_to(cpu_spans, device)
@@ -147,12 +126,12 @@ def _lens_masses(model, inputs, spans, queries, same_qk: bool = False) -> tuple[
     from pipeline.lens import modules as attention
 
     lens, got, ref = AttentionLens(model), {}, {}
-    with_lse = attention.sdpa_with_lse
+    real = attention.augmented_attention
     for q_name, query in queries.items():
         rows_q = query[0].nonzero().squeeze(-1)
         layers_ref: list = []
 
-        def spy(module, q, k, v, mask, scale, rows_q=rows_q, layers_ref=layers_ref):
+        def spy(module, q, k, v, sets, mask, scale, rows_q=rows_q, layers_ref=layers_ref, **kwargs):
             keys = repeat_kv(k, module.num_key_value_groups)[0].float()  # [heads, L, d]
             scores = (q[0][:, rows_q].float() @ keys.transpose(-1, -2)) * scale  # [heads, |Q|, L]
             if mask is None:  # batch of one, no padding: causal
@@ -162,15 +141,15 @@ def _lens_masses(model, inputs, spans, queries, same_qk: bool = False) -> tuple[
                 allowed = allowed if allowed.dtype == torch.bool else allowed > torch.finfo(allowed.dtype).min / 2
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
             layers_ref.append(torch.stack([(probs * spans[key][0]).sum(-1) for key in SETS]))
-            return with_lse(module, q, k, v, mask, scale)
+            return real(module, q, k, v, sets, mask, scale, **kwargs)
 
         if same_qk:
-            attention.sdpa_with_lse = spy
+            attention.augmented_attention = spy
         try:
             with lens.capture(query, spans["image"], spans["system"]) as cap:
                 model(**inputs, logits_to_keep=1)
         finally:
-            attention.sdpa_with_lse = with_lse
+            attention.augmented_attention = real
         for i, key in enumerate(SETS):
             got[f"{q_name} {key}"] = cap.dense(key)[:, 0, :, rows_q].float()  # [layers, heads, |Q|]
             if same_qk:

@@ -194,10 +194,10 @@ def _timed(fn, device, repeats: int) -> tuple[float, float]:
         return float("nan"), float("inf")
 
 
-def vas_forward(model, processor, device, lengths, repeats, chunk_mib: int | None = None) -> list[dict]:
-    from pipeline.lens import DEFAULT_CHUNK_BYTES, AttentionLens
+def vas_forward(model, processor, device, lengths, repeats) -> list[dict]:
+    from pipeline.lens import AttentionLens
 
-    lens = AttentionLens(model, chunk_bytes=chunk_mib * 2**20 if chunk_mib else DEFAULT_CHUNK_BYTES)
+    lens = AttentionLens(model)
     rows = [row for length in lengths for row in _vas_at(model, lens, processor, device, length, repeats)]
     model.set_attn_implementation("sdpa")
     return rows
@@ -218,9 +218,11 @@ def _vas_at(model, lens, processor, device, length, repeats) -> list[dict]:
         return [((a[0][:, rows_u[0]].float() * spans["image"][0]).sum(-1),
                  (a[0][:, rows_u[0]].float() * spans["system"][0]).sum(-1)) for a in attn]
 
-    def lens_on(query):
+    def lens_on(query, budget=False):
+        sets = ({k: spans[k] for k in ("system", "image", "user", "response")} if budget
+                else {"image": spans["image"], "system": spans["system"]})
         def run():
-            with lens.capture(query, spans["image"], spans["system"]) as cap:
+            with lens.capture(query, key_masks=sets) as cap:
                 model(**inputs, logits_to_keep=1)
             return cap.masses
         return run
@@ -228,7 +230,9 @@ def _vas_at(model, lens, processor, device, length, repeats) -> list[dict]:
     rows = []
     with torch.no_grad():
         for method, fn, impl in (("sdpa", sdpa, "sdpa"), ("lens U", lens_on(spans["user"]), "sdpa"),
-                                 ("lens R", lens_on(spans["response"]), "sdpa"), ("eager", eager, "eager")):
+                                 ("lens R", lens_on(spans["response"]), "sdpa"),
+                                 ("lens U+R+budget", lens_on(spans["user"] | spans["response"], True), "sdpa"),
+                                 ("eager", eager, "eager")):
             model.set_attn_implementation(impl)
             ms, mib = _timed(fn, device, repeats)
             rows.append({"length": length, "method": method, "ms": ms, "peak_mib": mib,
@@ -325,8 +329,6 @@ def main() -> int:
     parser.add_argument("--exact-length", type=int, default=2048,
                         help="tokens of the sample of the exactness check at the real shape")
     parser.add_argument("--skip", nargs="*", default=[], choices=["exactness", "shape_exactness", "vas", "train"])
-    parser.add_argument("--chunk-mib", type=int, default=None,
-                        help="the lens' chunk budget in the VAS forward (default: the lens default)")
     parser.add_argument("--profile", action="store_true",
                         help="top CUDA kernels of one lens-R forward at the longest VAS length")
     parser.add_argument("--out", type=Path)
@@ -369,8 +371,7 @@ def main() -> int:
     model.to(dtype)
     report["weights_mib"] = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
     if "vas" not in args.skip:
-        report["chunk_mib"] = args.chunk_mib
-        report["vas_forward"] = vas_forward(model, processor, device, args.vas_lengths, args.repeats, args.chunk_mib)
+        report["vas_forward"] = vas_forward(model, processor, device, args.vas_lengths, args.repeats)
         save()
     if args.profile:
         report["profile_lens_r"] = profile_lens(model, processor, device, max(args.vas_lengths))

@@ -1,13 +1,14 @@
 """The attention lens against eager ``output_attentions=True`` and a plain SDPA forward.
 
-One random-weight Qwen2.5-VL (8 layers, hidden 512, 8 query / 2 KV heads, a 448x448 image =
-256 image tokens), one chat sample cut to 512 / 2048 / 4096 tokens, no_grad, float32, CPU.
-Methods:
+Random-weight Qwen2.5-VL models with the real models' head size 128 (8 layers, hidden 1024, 8
+query / 2 KV heads) and, as a second row, head size 64 (hidden 512), a 448x448 image = 256 image
+tokens, one chat sample cut to 512 / 2048 / 4096 tokens, no_grad, float32, CPU. Methods:
 
 - ``sdpa``:   plain forward, no statistics (the floor);
 - ``eager``:  ``output_attentions=True`` on an eager model + the image/system sums over U rows;
-- ``lens U``: the lens, queries = the user question (model-level VAS, AGTO);
-- ``lens R``: the lens, queries = the whole response (response VAS, VARS reward).
+- ``lens U``: the lens, queries = the user question (model-level VAS, AGTO), sets I and S;
+- ``lens R``: the lens, queries = the whole response (response VAS, VARS reward), sets I and S;
+- ``lens all``: queries U and R, the budget's sets S, I, U, R at once (what the VAS stage takes).
 
 Time: per length, one process with one torch thread runs the four methods interleaved
 ``--repeats`` times and keeps each one's fastest run, in CPU seconds of the process (robust to
@@ -35,17 +36,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("sdpa", "eager", "lens U", "lens R")
-MODEL = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
-         "intermediate_size": 1408, "max_position_embeddings": 8192}
+METHODS = ("sdpa", "eager", "lens U", "lens R", "lens all")
+MODELS = {128: {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
+                "intermediate_size": 2816, "max_position_embeddings": 8192},
+          64: {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
+               "intermediate_size": 1408, "max_position_embeddings": 8192}}
 IMAGE_SIDE = 448  # (448 / 28)^2 = 256 image tokens
 WARM_UP_TOKENS = 384  # the image and a short answer
 
 
-def build_model(folder: Path) -> Path:
+def build_model(folder: Path, head_dim: int) -> Path:
     from pipeline.vlm import build_tiny_model
 
-    return build_tiny_model(folder / "model", seed=0, max_pixels=IMAGE_SIDE * IMAGE_SIDE, **MODEL)
+    return build_tiny_model(folder / f"model-{head_dim}", seed=0, max_pixels=IMAGE_SIDE * IMAGE_SIDE,
+                            **MODELS[head_dim])
 
 
 def make_inputs(processor, length: int):
@@ -101,6 +105,7 @@ class PeakRSS:
 def _forward_fn(models, processor, method: str, length: int):
     """A zero-argument callable running ``method`` once on the ``length``-token sample."""
     from pipeline.lens import AttentionLens
+    from pipeline.lens.budget import budget_key_masks
 
     inputs, spans = make_inputs(processor, length)
     model = models["eager" if method == "eager" else "sdpa"]
@@ -114,6 +119,10 @@ def _forward_fn(models, processor, method: str, length: int):
             rows = spans.user[0]
             return [((a[0][:, rows] * spans.image[0]).sum(-1), (a[0][:, rows] * spans.system[0]).sum(-1))
                     for a in attn]
+        if method == "lens all":
+            with lens.capture(spans.user | spans.response, key_masks=budget_key_masks(spans)) as cap:
+                model(**inputs, logits_to_keep=1)
+            return cap.masses
         query = spans.user if method == "lens U" else spans.response
         with lens.capture(query, spans.image, spans.system) as cap:
             model(**inputs, logits_to_keep=1)
@@ -182,7 +191,8 @@ def _subprocess(*args: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=sorted(MODELS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--time-case", nargs=2, metavar=("MODEL_DIR", "LENGTH"), help=argparse.SUPPRESS)
     parser.add_argument("--memory-case", nargs=3, metavar=("MODEL_DIR", "METHOD", "LENGTH"), help=argparse.SUPPRESS)
@@ -198,28 +208,33 @@ def main() -> int:
     started = time.perf_counter()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(build_model(Path(tmp)))
-        for length in args.lengths:
-            timed = _subprocess("--repeats", str(args.repeats), "--time-case", model_dir, str(length))
-            for method in METHODS:
-                rows[length, method] = {**timed[method], **_subprocess("--memory-case", model_dir, method, str(length))}
-                print(f"  {length:>5} {method:<7} {rows[length, method]['time_s']:.3f}s "
-                      f"{rows[length, method]['peak_mib']:.0f} MiB", file=sys.stderr)
+        for head_dim in args.head_dims:
+            model_dir = str(build_model(Path(tmp), head_dim))
+            for length in args.lengths:
+                timed = _subprocess("--repeats", str(args.repeats), "--time-case", model_dir, str(length))
+                for method in METHODS:
+                    row = {**timed[method], **_subprocess("--memory-case", model_dir, method, str(length))}
+                    rows[head_dim, length, method] = row
+                    print(f"  d={head_dim} {length:>5} {method:<8} {row['time_s']:.3f}s {row['peak_mib']:.0f} MiB",
+                          file=sys.stderr)
 
-    first = rows[args.lengths[0], "sdpa"]
-    print(f"\nLens vs eager vs plain SDPA: {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
-          f"{MODEL['num_attention_heads']}/{MODEL['num_key_value_heads']} heads, {first['n_image']} image tokens, "
-          f"float32, CPU, 1 torch thread, no_grad; CPU time = fastest of {args.repeats} interleaved runs; "
+    first = rows[args.head_dims[0], args.lengths[0], "sdpa"]
+    print(f"\nLens vs eager vs plain SDPA: 8 layers, 8/2 heads, {first['n_image']} image tokens, float32, CPU, "
+          f"1 torch thread, no_grad; CPU time = fastest of {args.repeats} interleaved runs; "
           f"bench took {time.perf_counter() - started:.0f} s\n")
-    print("| tokens | method | queries | CPU time (s) | x SDPA | eager / this | wall (s) | peak RSS increase (MiB) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for length in args.lengths:
-        sdpa, eager = rows[length, "sdpa"]["time_s"], rows[length, "eager"]["time_s"]
-        for method in METHODS:
-            row = rows[length, method]
-            n_query = {"lens U": row["n_user"], "lens R": row["n_response"], "eager": row["n_user"]}.get(method)
-            print(f"| {length} | {method} | {n_query or '-'} | {row['time_s']:.3f} | {row['time_s'] / sdpa:.2f} | "
-                  f"{eager / row['time_s']:.1f} | {row['wall_s']:.3f} | {row['peak_mib']:.0f} |")
+    print("| head dim | tokens | method | queries | CPU time (s) | x SDPA | eager / this | wall (s) | "
+          "peak RSS increase (MiB) | x SDPA |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for head_dim in args.head_dims:
+        for length in args.lengths:
+            sdpa, eager = rows[head_dim, length, "sdpa"], rows[head_dim, length, "eager"]
+            for method in METHODS:
+                row = rows[head_dim, length, method]
+                n_query = {"lens U": row["n_user"], "lens R": row["n_response"], "eager": row["n_user"],
+                           "lens all": row["n_user"] + row["n_response"]}.get(method)
+                print(f"| {head_dim} | {length} | {method} | {n_query or '-'} | {row['time_s']:.3f} | "
+                      f"{row['time_s'] / sdpa['time_s']:.2f} | {eager['time_s'] / row['time_s']:.1f} | "
+                      f"{row['wall_s']:.3f} | {row['peak_mib']:.0f} | {row['peak_mib'] / sdpa['peak_mib']:.2f} |")
     return 0
 
 

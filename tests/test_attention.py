@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from pipeline.lens import IMPLEMENTATION, AttentionLens, decoder_attention_modules
 from tests.support.lens import SAMPLES, assert_close, chat_batch, eager_masses, tiny_models
 
+EXACT = 1e-6  # float32: the lens against eager output_attentions, relative to the largest value
 
-@pytest.mark.parametrize("padding_side, query_span, kernel_lse", [
-    ("left", "user", True), ("right", "response", True), ("left", "response", False), ("right", "user", False)])
-def test_masses_match_eager_attention(padding_side, query_span, kernel_lse):
-    """Both paths: row log-sum-exp from the SDPA kernel, and whole rows scored by the lens."""
+
+@pytest.mark.parametrize("padding_side, query_span", [
+    ("left", "user"), ("right", "response"), ("left", "response"), ("right", "user")])
+def test_masses_match_eager_attention(padding_side, query_span):
     model, eager, processor = tiny_models()
     inputs, spans = chat_batch(processor, padding_side)
     query = getattr(spans, query_span)
     assert bool((inputs["attention_mask"] == 0).any()), "the batch must contain padding"
     layers = [0, 2, 3]
     with torch.no_grad():
-        lens = AttentionLens(model, layers=layers, kernel_lse=kernel_lse)
+        lens = AttentionLens(model, layers=layers)
         with lens.capture(query, spans.image, spans.system) as cap:
             model(**inputs)
         for name, keys in (("image", spans.image), ("system", spans.system)):
-            assert_close(cap.dense(name), eager_masses(eager, inputs, query, keys, layers))
+            assert_close(cap.dense(name), eager_masses(eager, inputs, query, keys, layers), tol=EXACT)
         all_keys = inputs["attention_mask"].bool()
-        assert_close(cap.dense("total"), eager_masses(eager, inputs, query, all_keys, layers))
+        assert_close(cap.dense("total"), eager_masses(eager, inputs, query, all_keys, layers), tol=EXACT)
     assert cap.image.shape == (3, 3, model.config.text_config.num_attention_heads, int(query.sum(1).max()))
     n_queries = query.sum(1).float().view(1, -1, 1).expand_as(cap.total[..., 0])
     assert torch.allclose(cap.total.sum(-1), n_queries, atol=1e-4)  # each query row sums to 1
@@ -55,7 +58,7 @@ def test_model_outputs_unchanged_and_implementation_restored():
             assert model.config.text_config._attn_implementation == IMPLEMENTATION
             assert model.config.vision_config._attn_implementation == "sdpa"
             lensed = model(**inputs).logits
-    assert torch.equal(plain, lensed)
+    assert_close(lensed, plain, tol=EXACT)  # zero-padded q/k and extra value columns change no score
     assert model.config.text_config._attn_implementation == "sdpa"
     assert not any(hasattr(m, "_avar_lens_capture") for m in decoder_attention_modules(model))
     lens = AttentionLens(model)
@@ -64,16 +67,15 @@ def test_model_outputs_unchanged_and_implementation_restored():
     assert model.config.text_config._attn_implementation == "sdpa"
 
 
-def test_unpadded_single_sample_and_tiny_chunks_agree_with_eager():
-    """No padding -> SDPA gets no mask (is_causal path); chunks of one query give the same."""
+def test_unpadded_single_sample_agrees_with_eager():
+    """No padding -> SDPA gets no mask (its is_causal path)."""
     model, eager, processor = tiny_models()
     inputs, spans = chat_batch(processor, samples=SAMPLES[1:2])
     assert bool(inputs["attention_mask"].all())
     with torch.no_grad():
-        lens = AttentionLens(model, layers=[-1], chunk_bytes=1, kernel_lse=False)
-        with lens.capture(spans.response, spans.image, spans.system) as cap:
+        with AttentionLens(model, layers=[-1]).capture(spans.response, spans.image, spans.system) as cap:
             model(**inputs)
-        assert_close(cap.dense("image"), eager_masses(eager, inputs, spans.response, spans.image, [3]))
+        assert_close(cap.dense("image"), eager_masses(eager, inputs, spans.response, spans.image, [3]), tol=EXACT)
 
 
 def _agto_like_loss(masses_image, masses_system):
@@ -106,12 +108,13 @@ def test_gradients_match_eager():
     eager.zero_grad()
     model.zero_grad()
 
-    assert set(got) == set(expected)
+    # SDPA hands v a gradient of zeros where the masses do not depend on it (the last layer's v_proj)
+    assert {n for n, g in got.items() if g.abs().sum() > 0} <= set(expected)
     touched = [n for n in got if "language_model.layers.3.self_attn.q_proj" in n or "visual" in n]
     zero = [n for n in touched if not got[n].abs().sum() > 0]
     assert touched and not zero, zero
     for name in expected:
-        assert_close(got[name], expected[name], tol=1e-3)
+        assert_close(got[name], expected[name], tol=1e-5)
 
 
 def test_gradient_checkpointing_gives_same_gradients():
@@ -134,25 +137,22 @@ def test_gradient_checkpointing_gives_same_gradients():
         model.activation_checkpointing_disable()
         model.eval()
         model.zero_grad()
-    for name in plain:
-        assert_close(checkpointed[name], plain[name], tol=1e-5)
+    for name in plain.keys() | checkpointed.keys():  # a missing gradient is one of zeros
+        zero = torch.zeros_like(plain.get(name, checkpointed.get(name)))
+        assert_close(checkpointed.get(name, zero), plain.get(name, zero), tol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_lse", [True, False])
-def test_bfloat16_no_grad_is_close_to_float32(kernel_lse):
-    """bf16 models (GPU inference) through both paths; the generic one is what CUDA runs."""
+def test_bfloat16_no_grad_is_close_to_float32():
+    """bf16 models (GPU inference): the indicator columns go through the kernel's bf16 P @ V."""
     model, _, processor = tiny_models()
     inputs, spans = chat_batch(processor)
     with torch.no_grad():
         with AttentionLens(model).capture(spans.user, spans.image, spans.system) as ref:
             model(**inputs)
-        model.to(torch.bfloat16)
-        try:
-            bf16_inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
-            with AttentionLens(model, kernel_lse=kernel_lse).capture(spans.user, spans.image, spans.system) as cap:
-                model(**bf16_inputs)
-        finally:
-            model.to(torch.float32)
+        model = copy.deepcopy(model).to(torch.bfloat16)  # the shared model keeps its float32 weights
+        bf16_inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
+        with AttentionLens(model).capture(spans.user, spans.image, spans.system) as cap:
+            model(**bf16_inputs)
     assert cap.image.dtype == torch.float32
     assert_close(cap.image, ref.image, tol=0.05)
 
@@ -179,27 +179,27 @@ def test_misuse_is_reported_clearly():
         AttentionLens(torch.nn.Linear(2, 2))
 
 
-def test_key_set_mass_backward_passes_gradcheck():
-    """The hand-written backward against finite differences (float64, GQA, logit scaling,
-    chunking, a padding query slot and a masked key)."""
-    from pipeline.lens.mass import KeySetMass as _KeySetMass
-    from pipeline.lens.mass import Rows as _Rows
+def test_checkpointed_mass_backward_passes_gradcheck():
+    """The backward of the checkpointed layers' masses against finite differences (float64, GQA,
+    a padding key, causal mask)."""
+    from types import SimpleNamespace
+
+    from pipeline.lens.augmented import CheckpointedMass
 
     gen = torch.Generator().manual_seed(0)
-    batch, heads, kv_heads, length, dim = 2, 2, 1, 5, 2
+    batch, heads, kv_heads, length, dim = 2, 2, 1, 5, 4
     query = torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
     key = torch.randn(batch, kv_heads, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(batch, kv_heads, length, dim, generator=gen, dtype=torch.float64)
     mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
     mask[0, :, :, 0] = False  # a padding key
-    key_sets = (torch.rand(batch, length, 2, generator=gen) > 0.5).to(torch.float64)
-    index, valid = torch.tensor([[2, 3, 4], [3, 4, 0]]), torch.tensor([[True, True, True], [True, True, False]])
-    for scaled in (False, True):
-        spec = _Rows(mask, index, valid, upper_left_causal=False)
-        if scaled:
-            spec.scaled = torch.tensor([[False, True, True], [True, True, True]])
-            spec.key_factor = 1 + 0.3 * torch.rand(batch, length, generator=gen, dtype=torch.float64)
-        assert torch.autograd.gradcheck(
-            lambda q, k, spec=spec: _KeySetMass.apply(q, k, key_sets, spec, 0.5, 2), (query, key))
+    mask[0, :, 0, 0] = True  # (the first row keeps one key)
+    sets = (torch.rand(batch, length, 3, generator=gen) > 0.5).to(torch.float64)
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    index = torch.tensor([[1, 2, 4], [0, 3, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])  # a padding slot
+    assert torch.autograd.gradcheck(
+        lambda q, k: CheckpointedMass.apply(q, k, value, sets, module, mask, 0.5, {}, index, valid), (query, key))
 
 
 def test_text_only_qwen2_with_left_padding():
@@ -221,63 +221,29 @@ def test_text_only_qwen2_with_left_padding():
     prefix[:, 3:6] = True
     query = torch.zeros_like(prefix)
     query[:, 8:] = True
-    for kernel_lse in (True, False):
-        with torch.no_grad(), AttentionLens(models["sdpa"], kernel_lse=kernel_lse).capture(
-                query, key_masks={"prefix": prefix}) as cap:
-            models["sdpa"](input_ids=ids, attention_mask=attention_mask)
-        with torch.no_grad():
-            reference = eager_masses(models["eager"], {"input_ids": ids, "attention_mask": attention_mask},
-                                     query, prefix, [0, 1])
-        assert cap.set_names == ["prefix", "total"]
-        assert_close(cap.dense("prefix"), reference)
+    with torch.no_grad(), AttentionLens(models["sdpa"]).capture(query, key_masks={"prefix": prefix}) as cap:
+        models["sdpa"](input_ids=ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        reference = eager_masses(models["eager"], {"input_ids": ids, "attention_mask": attention_mask},
+                                 query, prefix, [0, 1])
+    assert cap.set_names == ["prefix", "total"]
+    assert_close(cap.dense("prefix"), reference, tol=EXACT)
 
 
-def test_cuda_kernel_bias_is_the_mask_broadcast_over_heads_with_aligned_rows():
-    """The additive mask handed to the CUDA memory-efficient kernel (built on any device)."""
-    from pipeline.lens.kernels import _aligned_bias
-
-    mask = torch.zeros(2, 1, 5, 21).masked_fill_(torch.rand(2, 1, 5, 21) > 0.5, float("-inf"))
-    query = torch.zeros(2, 4, 5, 8)
-    bias = _aligned_bias(mask, query)
-    assert bias.shape == (2, 4, 5, 21) and bias.dtype == query.dtype
-    assert torch.equal(bias, mask.expand(2, 4, 5, 21))
-    assert bias.stride(-2) % 16 == 0 and bias.stride(1) == 0  # rows padded to 16 keys, heads shared
-    assert _aligned_bias(None, query) is None
-
-
-@pytest.mark.parametrize("kernel_lse", [True, False])
-def test_what_the_layers_share_is_built_once_per_forward(kernel_lse, monkeypatch):
-    """Building the key layout reads counts back from the device (a GPU stall): once per capture,
-    not once per layer; the masses stay those of eager attention."""
-    from pipeline.lens import capture as capture_module
-    from pipeline.lens.mass import KeyLayout
-
+def test_the_key_set_columns_are_built_once_per_forward():
+    """Building the indicator columns reads the masks onto the device: once per capture, shared
+    by every layer; the masses stay those of eager attention."""
     model, eager, processor = tiny_models()
     inputs, spans = chat_batch(processor, "left")
-    compactions = []
-    real_of = KeyLayout.of
-    monkeypatch.setattr(capture_module.KeyLayout, "of",
-                        classmethod(lambda cls, sets: compactions.append(sets.shape) or real_of(sets)))
-    with torch.no_grad(), AttentionLens(model, kernel_lse=kernel_lse).capture(spans.response, spans.image,
-                                                                              spans.system) as cap:
+    with torch.no_grad(), AttentionLens(model).capture(spans.response, spans.image, spans.system) as cap:
         model(**inputs)
     n_layers = model.config.text_config.num_hidden_layers
-    assert sorted(cap._by_layer) == list(range(n_layers)) and len(cap._layouts) == 1
-    assert len(compactions) == (1 if kernel_lse else 0)  # keys are compacted only where scored alone
-    assert_close(cap.dense("image"), eager_masses(eager, inputs, spans.response, spans.image, list(range(n_layers))))
+    assert sorted(cap._by_layer) == list(range(n_layers)) and len(cap._indicators) == 1
+    assert_close(cap.dense("image"), eager_masses(eager, inputs, spans.response, spans.image, list(range(n_layers))),
+                 tol=EXACT)
 
 
-def test_float32_scores_are_the_float32_product_of_the_same_numbers():
-    from pipeline.lens.mass import float32_scores
+def test_padded_width_keeps_a_multiple_of_eight_columns():
+    from pipeline.lens.augmented import padded_width
 
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 3, 7, 16, generator=gen).bfloat16()
-    k = torch.randn(2, 3, 11, 16, generator=gen).bfloat16()
-    expected = q.double() @ k.double().transpose(-1, -2)
-    got = float32_scores(q, k)
-    assert got.dtype == torch.float32 and got.shape == (2, 3, 7, 11)
-    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6)
-    if torch.cuda.is_available():  # the tensor-core path (bmm with float32 output)
-        got_cuda = float32_scores(q.cuda(), k.cuda())
-        assert got_cuda.dtype == torch.float32
-        assert torch.allclose(got_cuda.double().cpu(), expected, rtol=1e-6, atol=1e-6)
+    assert padded_width(128, 5) == 136 and padded_width(64, 8) == 72 and padded_width(16, 3) == 24

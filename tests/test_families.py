@@ -181,7 +181,10 @@ def test_lens_matches_eager_values_and_gradients(alias):
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     eager.zero_grad()
-    assert set(got) == set(expected) and got
+    # a gradient of zeros (the last layer's v_proj: SDPA's backward reaches it through the value
+    # columns the masses ride on, with nothing to add) is eager's missing one
+    nonzero = lambda grads: {n for n, g in grads.items() if g.abs().sum() > 0}
+    assert nonzero(got) == nonzero(expected) and got
     for name, reference in expected.items():
         assert_close(got[name], reference, tol=1e-3)
 

@@ -10,15 +10,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from pipeline.lens.mass import KeyLayout, KeySetMass, Rows, compact, masses_from_lse
 from pipeline.lens.modules import (
     LENS_ATTR,
+    checkpointing_layers,
     decoder_attention_modules,
     patched_attention,
     resolve_layers,
 )
-
-DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -36,10 +34,9 @@ class Capture:
     key_masks: dict[str, torch.Tensor]
     query_index: torch.Tensor
     query_valid: torch.Tensor
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    kernel_lse: bool = True
+    _parents: dict[int, nn.Module] = field(default_factory=dict, repr=False)  # layer -> its checkpointing layer
     _by_layer: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-    _layouts: dict[tuple, SharedLayout] = field(default_factory=dict, repr=False)
+    _indicators: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def set_names(self) -> list[str]:
@@ -94,94 +91,56 @@ class Capture:
         """``[B]`` number of keys in set ``name`` (e.g. ``|I|``)."""
         return self.key_masks[name].sum(dim=1)
 
-    def _observe(self, module, query, key, attention_mask, scale: float, patch, lse):
+    def indicators(self, q_len: int, kv_len: int, device, dtype) -> torch.Tensor:
+        """``[B, kv_len, n_sets]`` 0/1 columns of the key sets and of all keys (``total``), over the
+        keys a layer sees; built once per forward pass and shared by its layers."""
+        batch, length = self.query_mask.shape
+        if length != q_len:
+            raise ValueError(f"query_mask has shape {tuple(self.query_mask.shape)} but the model runs "
+                             f"sequences of {q_len} tokens")
+        cache_key = (str(device), kv_len, dtype)
+        if cache_key not in self._indicators:
+            sets = torch.stack([m.to(device) for m in self.key_masks.values()], dim=-1)  # [B, L, n]
+            start = kv_len - q_len  # keys before the queries (a cache) belong to no set
+            columns = torch.zeros(batch, kv_len, sets.shape[-1] + 1, dtype=dtype, device=device)
+            columns[:, start:start + length, :-1] = sets[:, :kv_len - start].to(dtype)
+            columns[..., -1] = 1
+            self._indicators[cache_key] = columns
+        return self._indicators[cache_key]
+
+    def checkpointed(self, module: nn.Module) -> bool:
+        """Whether ``module``'s layer runs under activation checkpointing (and will be recomputed
+        in backward), as transformers' ``GradientCheckpointingLayer`` decides it."""
+        parent = self._parents.get(module.layer_idx)
+        return bool(parent is not None and parent.gradient_checkpointing and parent.training
+                    and torch.is_grad_enabled())
+
+    def rows(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(query_index, query_valid)`` on ``device``."""
+        return self.query_index.to(device), self.query_valid.to(device)
+
+    def observe(self, module: nn.Module, rows: torch.Tensor) -> None:
+        """Keep one layer's masses of the captured rows, ``[B, H, Qmax, n_sets]``."""
         layer = module.layer_idx
         recomputing = torch._C._current_graph_task_id() != -1  # activation checkpointing, in backward
         if layer in self._by_layer and not recomputing:
             raise RuntimeError(f"layer {layer} ran twice inside one capture; capture one forward pass")
-        # recomputation must save the same tensors as the original forward, so it computes again;
-        # the first result (the one the loss was built from) is kept
-        masses = self._compute(module, query, key, attention_mask, scale, patch, lse)
-        self._by_layer.setdefault(layer, masses)
-
-    def _compute(self, module, query, key, attention_mask, scale, patch, lse):
-        batch, heads, q_len, _ = query.shape
-        kv_len = key.shape[2]
-        if self.query_mask.shape != (batch, q_len):
-            raise ValueError(f"query_mask has shape {tuple(self.query_mask.shape)} but layer "
-                             f"{module.layer_idx} sees {batch} sequences of {q_len} tokens")
-        causal = getattr(module, "is_causal", True)
-        clip = causal and (attention_mask is not None or q_len > 1)
-        shared = self._shared(query.device, q_len, kv_len, clip)
-        spec = Rows(attention_mask, shared.index, shared.valid,
-                    upper_left_causal=attention_mask is None and q_len > 1 and causal)
-        if patch is not None:
-            spec.scaled = patch.rows(shared.positions)
-            spec.key_factor = patch.key_factor(shared.k_end, query.device, torch.float32)
-        if lse is not None:
-            layout = shared.key_layout
-            chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * layout.keys.shape[1]))
-            return masses_from_lse(query, key, lse, layout, spec, scale, chunk_rows)
-        with_total = torch.cat([shared.key_sets, torch.ones_like(shared.key_sets[..., :1])], dim=-1)
-        chunk_rows = max(1, self.chunk_bytes // (8 * batch * heads * shared.k_end))
-        return KeySetMass.apply(query, key[:, :, :shared.k_end], with_total, spec, scale, chunk_rows)
-
-    def _shared(self, device, q_len: int, kv_len: int, clip: bool) -> SharedLayout:
-        cache_key = (str(device), q_len, kv_len, clip)
-        if cache_key not in self._layouts:
-            self._layouts[cache_key] = SharedLayout.build(self, device, q_len, kv_len, clip)
-        return self._layouts[cache_key]
-
-
-@dataclass
-class SharedLayout:
-    """What every layer of one forward pass shares: the query rows, the end of the keys they can
-    see, the key sets and (for the kernel path) their compacted layout. Built once per capture
-    at the first layer, because building it reads values back from the device, which stalls a
-    GPU: done at every layer, it made a Qwen3-VL-8B VAS forward at 2k tokens 1.48x a plain
-    one instead of 1.10x (user queries; BENCHMARKS.md)."""
-
-    index: torch.Tensor  # [B, Q] query rows
-    valid: torch.Tensor  # [B, Q]
-    positions: torch.Tensor  # [B, Q] key-space position of each query row
-    k_end: int  # keys at and after k_end are never attended by the selected rows
-    key_sets: torch.Tensor  # [B, k_end, n] bool
-    _key_layout: KeyLayout | None = None
-
-    @classmethod
-    def build(cls, capture: Capture, device, q_len: int, kv_len: int, clip: bool) -> SharedLayout:
-        index, valid = capture.query_index.to(device), capture.query_valid.to(device)
-        positions = index + (kv_len - q_len)
-        # under causal attention keys after the last selected query are masked: skip them
-        k_end = max(1, min(kv_len, int(positions.max()) + 1)) if clip else kv_len
-        key_sets = torch.stack([m.to(device)[:, :k_end] for m in capture.key_masks.values()], dim=-1)
-        return cls(index, valid, positions, k_end, key_sets)
-
-    @property
-    def key_layout(self) -> KeyLayout:
-        if self._key_layout is None:
-            self._key_layout = KeyLayout.of(self.key_sets)
-        return self._key_layout
+        self._by_layer.setdefault(layer, rows)  # a recomputation keeps the first (the loss's) result
 
 
 class AttentionLens:
     """Exact per-query attention mass on key sets for chosen layers of a decoder model.
 
     Args:
-        model: a transformers decoder or vision-language model (Qwen2 / Qwen2.5-VL family).
+        model: a transformers vision-language (or decoder) model of a supported family.
         layers: decoder layer indices to observe (negative from the end); None = all.
-        chunk_bytes: memory budget for one chunk of selected-query scores (float32).
-        kernel_lse: without gradients, take the row log-sum-exp from the SDPA kernel (CPU or
-            CUDA) and score only the keys of the sets (fast); False always scores whole rows.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernel_lse: bool = True):
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None):
         self.model = model
         self.modules = resolve_layers(decoder_attention_modules(model), layers)
         self.layers = [m.layer_idx for m in self.modules]
-        self.chunk_bytes = int(chunk_bytes)
-        self.kernel_lse = bool(kernel_lse)
+        self._parents = checkpointing_layers(model, self.modules)
 
     @contextmanager
     def capture(self, query_mask: torch.Tensor, image_mask: torch.Tensor | None = None,
@@ -203,9 +162,18 @@ class AttentionLens:
             raise ValueError("give at least one key set (image_mask, system_mask or key_masks)")
         query_mask = _bool_mask("query_mask", query_mask, query_mask.shape)
         index, valid = compact(query_mask)
-        cap = Capture(self.layers, query_mask, sets, index, valid, self.chunk_bytes, self.kernel_lse)
+        cap = Capture(self.layers, query_mask, sets, index, valid, self._parents)
         with patched_attention(self.modules, LENS_ATTR, [cap] * len(self.modules)):
             yield cap
+
+
+def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of True entries, left-aligned: ``([B, K] long, [B, K] valid)``; padding slots 0."""
+    counts = mask.sum(dim=1)
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
 
 
 def _bool_mask(name: str, mask: torch.Tensor, shape) -> torch.Tensor:

@@ -55,9 +55,10 @@ class KeyColumnScale:
     """Multiply pre-softmax logits of key column ``j`` by ``factor[b, j]`` on rows at or after
     ``row_start[b]`` (absolute positions; keys beyond ``factor``'s length keep factor 1).
 
-    Installed on attention modules by :func:`pipeline.lens.scaling_keys`; the lens reads
-    :meth:`rows` and :meth:`key_factor` to measure the scaled attention exactly. Query positions
-    are ``kv_len - q_len + i``, true for prefill and for decoding with a dynamic cache.
+    Installed on attention modules by :func:`pipeline.lens.scaling_keys`; a capturing lens runs
+    its one-call attention through :meth:`rows_of`, so it measures the scaled attention exactly.
+    Query positions are ``kv_len - q_len + i``, true for prefill and for decoding with a dynamic
+    cache.
     """
 
     factor: torch.Tensor  # [B, L0] float32
@@ -74,18 +75,30 @@ class KeyColumnScale:
         """Bool ``[B, n]``: which of these absolute query positions (``[B, n]``) are scaled."""
         return positions >= self.row_start.to(positions.device)[:, None]
 
-    def attention(self, module, query, key, value, attention_mask, **kwargs):
-        """SDPA with scaled keys on the scaled rows (scaling logit column j = scaling key k_j)."""
+    def rows_of(self, query, key, attend, index: torch.Tensor | None = None):
+        """``attend(keys) -> (output [B, q, H, d], masses [B, H, Q, n] or None)`` with the keys
+        scaled on the scaled rows and as they are on the others (scaling logit column j = scaling
+        key k_j); one call when every row is scaled (decoding), two otherwise (a prefill).
+        ``index`` ``[B, Q]``: the query rows the masses are of."""
         q_len, kv_len = query.shape[2], key.shape[2]
         positions = torch.arange(kv_len - q_len, kv_len, device=query.device).expand(query.shape[0], -1)
         rows = self.rows(positions)  # [B, q_len]
         factor = self.key_factor(kv_len, key.device, key.dtype)
-        scaled, _ = sdpa_attention_forward(module, query, key * factor[:, None, :, None], value,
-                                           attention_mask, **kwargs)
+        scaled = attend(key * factor[:, None, :, None])
         if bool(rows.all()):
-            return scaled, None
-        plain, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        return torch.where(rows[:, :, None, None], scaled, plain), None  # output is [B, q, H, d]
+            return scaled
+        plain = attend(key)
+        out = torch.where(rows[:, :, None, None], scaled[0], plain[0])
+        if scaled[1] is None:
+            return out, None
+        picked = rows.gather(1, index)[:, None, :, None]  # which captured rows are scaled
+        return out, torch.where(picked, scaled[1], plain[1])
+
+    def attention(self, module, query, key, value, attention_mask, **kwargs):
+        """The layer output under the scaling (SDPA), for layers no lens is capturing."""
+        def attend(keys):
+            return sdpa_attention_forward(module, query, keys, value, attention_mask, **kwargs)[0], None
+        return self.rows_of(query, key, attend)[0], None
 
 
 def rows_after_image(image_mask: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,10 @@
 :func:`patched_attention` registers one attention function with transformers'
 ``AttentionInterface`` (name :data:`IMPLEMENTATION`, masks from ``sdpa_mask``) and routes the
 chosen decoder layers through it; on exit the previous implementation is restored. The function
-computes the layer output with transformers' own SDPA forward (or, without gradients, with the
-SDPA kernel that also returns the row log-sum-exp, :mod:`pipeline.lens.kernels`), applies the
-key-column scaling of :mod:`pipeline.lens.intervention` when one is installed, and hands the
-query/key tensors to the active capture (:mod:`pipeline.lens.capture`).
+computes, for a capturing layer, the layer output and every row's masses on the capture's key sets
+in one SDPA call (:mod:`pipeline.lens.augmented`); it applies the key-column scaling of
+:mod:`pipeline.lens.intervention` when one is installed; anything else runs transformers' own SDPA
+forward.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from pipeline.lens.kernels import kernel_lse_usable, sdpa_with_lse, warn_kernel_fallback
+from pipeline.lens.augmented import CheckpointedMass, augmented_attention, query_rows
 
 IMPLEMENTATION = "avar_sdpa"
 """Name under which the lens/intervention attention function is registered in transformers."""
@@ -103,28 +103,43 @@ def _register() -> None:
         AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
+def checkpointing_layers(model: nn.Module, modules: Sequence[nn.Module]) -> dict[int, nn.Module]:
+    """``layer_idx -> the module that checkpoints it`` (transformers' ``GradientCheckpointingLayer``
+    holding the attention module), for the modules that have one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    wanted = {id(m): m.layer_idx for m in modules}
+    found = {}
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            for child in layer.modules():
+                if id(child) in wanted:
+                    found[wanted[id(child)]] = layer
+    return found
+
+
 def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The registered attention function: SDPA output (+ key scaling) and, if capturing, masses."""
     patch = getattr(module, SCALE_ATTR, None)
     capture = getattr(module, LENS_ATTR, None)  # a pipeline.lens.capture.Capture
+    if capture is None:
+        if patch is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        return patch.attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if capture is not None and capture.kernel_lse and patch is None and kernel_lse_usable(module, query, key, dropout, kwargs):
-        try:
-            out, lse = sdpa_with_lse(module, query, key, value, attention_mask, scale)
-        except RuntimeError as err:  # a CUDA kernel refusing this shape/dtype: score whole rows
-            if query.device.type == "cpu":
-                raise
-            warn_kernel_fallback(err)
-        else:
-            capture._observe(module, query, key, attention_mask, scale, None, lse)
-            return out, None
-    if patch is None:
-        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                              dropout=dropout, scaling=scaling, **kwargs)
+    sets = capture.indicators(query.shape[2], key.shape[2], query.device, value.dtype)
+    kwargs = {**kwargs, "dropout": dropout}
+    index, valid = capture.rows(query.device)
+    if capture.checkpointed(module):  # recomputed in backward: keep SDPA's saved tensors as they are
+        def attend(keys):
+            out, _ = sdpa_attention_forward(module, query, keys, value, attention_mask, scaling=scale, **kwargs)
+            return out, CheckpointedMass.apply(query, keys, value, sets, module, attention_mask, scale, kwargs,
+                                               index, valid)
     else:
-        out, weights = patch.attention(module, query, key, value, attention_mask,
-                                       dropout=dropout, scaling=scaling, **kwargs)
-    if capture is not None:
-        capture._observe(module, query, key, attention_mask, scale, patch, None)
-    return out, weights
-
+        def attend(keys):
+            out, masses = augmented_attention(module, query, keys, value, sets, attention_mask, scale, **kwargs)
+            return out, query_rows(masses, index, valid)
+    out, rows = attend(key) if patch is None else patch.rows_of(query, key, attend, index)
+    capture.observe(module, rows)
+    return out, None
