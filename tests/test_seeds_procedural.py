@@ -72,8 +72,9 @@ def recompute(scene: dict):
         q = scene["query"]
         if task == "count":
             return len(shapes)
-        if task == "color_at":
-            return next(a["color"] for a in shapes if a["cell"] == q["cell"])
+        if task in ("color_at", "shape_at"):
+            [hit] = [a for a in shapes if a["cell"] == q["cell"]]
+            return hit["color"] if task == "color_at" else hit["shape"]
         if task == "color_of":
             [hit] = [a for a in shapes if a["shape"] == q["kind"]]
             return hit["color"]

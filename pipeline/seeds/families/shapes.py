@@ -7,7 +7,8 @@ at most one shape per cell, no text. Tasks:
 * ``color_of``: "What color is the circle?" (the kind appears once in the scene);
 * ``shape_of``: "What shape is the red one?" (the colour appears once);
 * ``count``: "How many shapes are there?";
-* ``color_at`` (from level 2): "What color is the shape at the top left?".
+* ``color_at``: "What color is the shape at the top left?";
+* ``shape_at``: "What shape is at the top left?".
 
 Levels set how many shapes a scene holds (:data:`LEVELS`). :func:`counterfactual` draws a
 scene that answers the same question differently, for the negative controls of the VAS stage
@@ -25,7 +26,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (45, 80, 220), "
 KINDS = ("circle", "square", "triangle")
 CELLS = ("top left", "top right", "bottom left", "bottom right")
 LEVELS = {1: (1, 2), 2: (1, 3), 3: (2, 3), 4: (2, 4), 5: (3, 4)}  # shapes per scene (min, max)
-TASKS = {1: ("color_of", "shape_of", "count"), **dict.fromkeys(range(2, 6), ("color_of", "shape_of", "count", "color_at"))}
+TASKS = dict.fromkeys(range(1, 6), ("color_of", "shape_of", "count", "color_at", "shape_at"))
 MAX_TRIES = 200
 
 
@@ -48,6 +49,8 @@ def question_of(query: dict) -> str:
         return f"What shape is the {query['color']} one?"
     if task == "color_at":
         return f"What color is the shape at the {query['cell']}?"
+    if task == "shape_at":
+        return f"What shape is at the {query['cell']}?"
     return "How many shapes are there?"
 
 
@@ -57,9 +60,9 @@ def answer_of(query: dict, shapes: list[dict]) -> str | int | None:
     task = query["task"]
     if task == "count":
         return len(shapes)
-    if task == "color_at":
+    if task in ("color_at", "shape_at"):
         hits = [s for s in shapes if s["cell"] == query["cell"]]
-        return hits[0]["color"] if hits else None
+        return (hits[0]["color"] if task == "color_at" else hits[0]["kind"]) if hits else None
     key, want = ("kind", "color") if task == "color_of" else ("color", "kind")
     hits = [s for s in shapes if s[key] == query[key]]
     return hits[0][want] if len(hits) == 1 else None
@@ -81,7 +84,7 @@ def draw_query(rng: random.Random, level: int, shapes: list[dict]) -> dict | Non
         query["kind"] = shape["kind"]
     elif task == "shape_of":
         query["color"] = shape["color"]
-    elif task == "color_at":
+    elif task in ("color_at", "shape_at"):
         query["cell"] = shape["cell"]
     return query if answer_of(query, shapes) is not None else None
 
@@ -138,7 +141,7 @@ def counterfactual(scene: dict, rng: random.Random) -> dict:
     level = next(lvl for lvl, (lo, hi) in sorted(LEVELS.items()) if lo <= len(real) <= hi)
     for _ in range(MAX_TRIES):
         shapes = draw_layout(rng, level)
-        if query["task"] == "color_at" and not any(s["cell"] == query["cell"] for s in shapes):
+        if query["task"] in ("color_at", "shape_at") and not any(s["cell"] == query["cell"] for s in shapes):
             continue
         other = answer_of(query, shapes)
         if other is not None and other != answer and shapes != real:

@@ -42,7 +42,7 @@ def solve(scene: dict, voice: Voice) -> Solution:
         voice.look(f"the {query['color']} shape at the {target['cell']} is a {target['kind']}")
     else:
         target = next(s for s in shapes if s["cell"] == query["cell"])
-        voice.say(f"I need the colour of the shape at the {query['cell']}.")
+        voice.say(f"I need the {'colour' if task == 'color_at' else 'shape'} of what is at the {query['cell']}.")
         voice.look(f"the shape at the {target['cell']} is a {target['color']} {target['kind']}")
     others = [s for s in shapes if s is not target]
     if others:
