@@ -22,7 +22,7 @@ def wheel(tmp_path_factory) -> Path:
     # built from a copy of what a source distribution holds: building in place would leave
     # build/ and *.egg-info in the checkout
     src = out / "src"
-    for rel in ("pipeline", "flows", "trainer", "prompts", "schemas"):
+    for rel in ("pipeline", "flows", "trainer", "prompts", "schemas", "models"):
         shutil.copytree(REPO / rel, src / rel, ignore=shutil.ignore_patterns("__pycache__"))
     for rel in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / rel, src / rel)
@@ -40,6 +40,9 @@ def test_the_wheel_holds_every_module_and_data_file(wheel):
                  for p in (REPO / "prompts").rglob("*") if p.suffix in (".j2", ".jinja", ".md")}
     expected |= {f"pipeline/resources/schemas/{p.name}" for p in (REPO / "schemas").glob("*.json")}
     expected |= {"pipeline/publishing/templates/data_card.md.j2"}
+    expected |= {f"pipeline/resources/models/{p.relative_to(REPO / 'models')}" for p in (REPO / "models").rglob("*")
+                 if p.is_file() and "checkpoints" not in p.parts and p.suffix in (".json", ".safetensors", ".jinja", ".txt")}
+    assert any(name.endswith("tiny-shapes/model.safetensors") for name in expected)  # the learned reference model
     assert expected - names == set()
     assert not [n for n in names if n.startswith(("tests/", "bench/"))]
 

@@ -42,21 +42,23 @@ class ReferenceRecipe:
 
     seed: int = field(default=0, metadata={"help": "Seed of the initial weights and of the scene stream."})
     family: str = field(default="shapes", metadata={"help": "Procedural seed family the scenes come from."})
-    levels: tuple[int, int] = field(default=(1, 5), metadata={"help": "Difficulty levels of the scenes (min, max)."})
+    levels: tuple[int, int] = field(default=(1, 3), metadata={
+        "help": "Difficulty levels of the scenes (min, max): 1-3 shapes on the 2x2 grid."})
     image_size: int = field(default=320, metadata={"help": "Canvas side the scenes are drawn at (as in the seeds)."})
     max_pixels: int = field(default=112 * 112, metadata={
         "help": "Image budget of the processor: 112x112 px, 16 image tokens per image."})
     blank_images: bool = field(default=False, metadata={
         "help": "Train on blank canvases instead of the scenes (the control model: it cannot see)."})
     describe_fraction: float = field(default=0.5, metadata={
-        "help": "Share of training samples whose target names every shape with its cell and colour "
-                "(dense targets; with short answers only, a model this small stays at chance)."})
+        "help": "Share of training samples asking 'Describe the shapes.', answered with every shape's colour and "
+                "kind in reading order (dense targets: with short answers only, a model this small stays at chance)."})
     describe_prompt: str = field(default="Describe the shapes.", metadata={"help": "User text of the dense samples."})
-    reasoned_answers: bool = field(default=False, metadata={
-        "help": "Answer questions as <think>the scene's description</think><answer>the answer</answer> "
-                "instead of the bare answer. Measured (2,500 steps, loss averaged over tokens): it then "
-                "describes held-out scenes right 99% of the time but picks the answer out of its own "
-                "description right only 89%."})
+    tasks: tuple[str, ...] = field(default=("count", "color_of", "shape_of"), metadata={
+        "help": "The family's question types trained on (pipeline.seeds.families.shapes), answered with the word."})
+    graded_tasks: tuple[str, ...] = field(default=("describe", "count"), metadata={
+        "help": "The held-out accuracy of the manifest (the >= 0.95 criterion) is over these; every task's own "
+                "accuracy is recorded beside it. Questions that name a shape by what it looks like ('What color is "
+                "the circle?') stayed at 0.6-0.9 in every format tried in 15 minutes of training (BENCHMARKS.md)."})
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "Explicit system turn of every sample."})
     held_out_every: int = field(default=10, metadata={
         "help": "Scene layouts whose signature hash is 0 modulo this are held out: never trained on, "
@@ -77,16 +79,16 @@ class ReferenceRecipe:
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up, then cosine decay to 0."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
-    checkpoint_steps: tuple[int, ...] = field(default=(125, 250, 500, 1000, 1500, 2000), metadata={
+    checkpoint_steps: tuple[int, ...] = field(default=(125, 250, 500, 750, 1000, 1250, 1500, 2000), metadata={
         "help": "Steps whose weights are kept under checkpoints/ (the LAL analysis reads them)."})
-    eval_samples: int = field(default=600, metadata={"help": "Held-out questions the manifest's accuracy is measured on."})
+    eval_samples: int = field(default=600, metadata={"help": "Held-out samples the manifest's accuracy is measured on."})
 
     def digest(self) -> str:
         return recipe_digest(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> ReferenceRecipe:
-        as_tuples = {"levels": tuple, "checkpoint_steps": tuple,
+        as_tuples = {"levels": tuple, "checkpoint_steps": tuple, "tasks": tuple, "graded_tasks": tuple,
                      "text": lambda v: tuple(tuple(p) for p in v), "vision": lambda v: tuple(tuple(p) for p in v)}
         return cls(**{k: as_tuples[k](v) if k in as_tuples else v for k, v in data.items()})
 
