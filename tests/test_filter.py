@@ -9,7 +9,7 @@ from pipeline.filtering.filter import (
     run_filter,
     upper_quantile_threshold,
 )
-from pipeline.filtering.funnel import FUNNEL_FILE, Funnel, load_funnel
+from pipeline.filtering.funnel import FUNNEL_FILE, Funnel, funnel_line, load_funnel
 from pipeline.records import Reject
 from pipeline.response_format import format_ok
 from pipeline.store import WorkStore
@@ -87,6 +87,27 @@ def test_normalized_metric_and_no_criterion():
     assert len(kept) == 2
     kept, _, stage = _run(FilterConfig(), records)
     assert len(kept) == 4 and stage.vas_info["criterion"] == "none"
+
+
+def test_a_view_metric_filters_and_the_funnel_line_reads_well():
+    records = []
+    for i in range(8):
+        record = make_record(i, vas=1.0)
+        views = {q: {"raw": 1.0, "normalized": 1.0, "ratio_of_means": 1.0, "image_share": i / 10} for q in ("user", "response")}
+        control = {"views": {**views, "response": {**views["response"], "image_share": i / 10 - 0.05}}}
+        record["vas"] = {**record["vas"], "views": views, "controls": {"text_only": control}}
+        records.append(record)
+    kept, rejects, stage = _run(FilterConfig(vas_metric="response.image_share", vas_quantile=0.5, dedup=False), records)
+    assert sorted(r["vas"]["views"]["response"]["image_share"] for r in kept) == [0.4, 0.5, 0.6, 0.7]
+    funnel = stage.funnel().to_dict()
+    assert funnel["vas"]["controls"]["auc"]["response.image_share"]["text_only"] == pytest.approx(36 / 64)
+    assert funnel["vas"]["controls"]["auc"]["user.image_share"]["text_only"] == 0.5
+    line = funnel_line(funnel)
+    assert line.startswith("8 input -> 8 correct -> 8 format -> 8 anchors -> 8 length -> 4 vas -> 4 unique (4 kept)")
+    assert "VAS: response.image_share >= 0.4, top 50%" in line and "controls: best view" in line
+    assert "{" not in line  # no dict dumped into the console
+    with pytest.raises(ValueError, match="filter.vas_metric: expected"):
+        FilterConfig(vas_metric="response.nope")
 
 
 def test_missing_fields_become_schema_rejects_naming_the_field():

@@ -72,6 +72,10 @@ def recompute(scene: dict):
         q = scene["query"]
         if task == "count":
             return len(shapes)
+        if task == "count_color":
+            return sum(a["color"] == q["color"] for a in shapes)
+        if task == "count_kind":
+            return sum(a["shape"] == q["kind"] for a in shapes)
         if task in ("color_at", "shape_at"):
             [hit] = [a for a in shapes if a["cell"] == q["cell"]]
             return hit["color"] if task == "color_at" else hit["shape"]
@@ -285,3 +289,12 @@ def test_preview_cli_writes_images_records_and_texts(tmp_path):
     meta = json.loads(jsons[0].read_text())
     assert set(meta["programmatic"]) == {"describe", "reason", "anchor"} and "bytes" not in meta["images"][0]
     assert Image.open(pngs[0]).size == (448, 448)
+
+
+def test_a_task_filter_keeps_only_those_tasks_and_names_a_bad_one():
+    config = SeedsConfig(n=24, seed=3, families=["shapes"], tasks=["count", "color_at"], image_size=320)
+    records = list(iter_seeds(config))
+    assert {r["scene"]["task"] for r in records} == {"count", "color_at"} and len(records) == 24
+    assert len({r["id"] for r in records}) == 24
+    with pytest.raises(ValueError, match=r"seeds.tasks: shapes drew no problem of \['no_such_task'\]"):
+        list(iter_seeds(SeedsConfig(n=1, families=["shapes"], tasks=["no_such_task"], image_size=320)))

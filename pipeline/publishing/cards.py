@@ -317,6 +317,14 @@ def _template() -> jinja2.Template:
     return env.get_template(TEMPLATE)
 
 
+def _other_tasks(reference: dict | None) -> list[tuple[str, float, int]]:
+    """(task, accuracy with the image, n) of the reference model's questions outside its graded set."""
+    evaluation = (reference or {}).get("evaluation") or {}
+    graded = set(evaluation.get("graded_tasks") or ())
+    return [(task, value[0], value[1]) for task, value in sorted((evaluation.get("per_task_image") or {}).items())
+            if task not in graded and "(" not in task]
+
+
 def _metric_text(metric: str | None) -> str:
     """How the card names the filter's VAS: "raw VAS", "normalized VAS", or a view's label."""
     if metric in ("raw", "normalized"):
@@ -415,6 +423,7 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
         config_digest=(provenance or {}).get("config_digest"), dataset_digest=dataset_digest,
         vas_random=stats.vas_random, budget=[(k, statistics.fmean(v)) for k, v in stats.budget.items()],
         reproduce=reproduce, reference=(provenance or {}).get("vas_reference"),
+        reference_other_tasks=_other_tasks((provenance or {}).get("vas_reference")),
         controls=separation_rows(vas_info.get("controls") or {}, vas_info.get("metric")),
         control_kinds=[(k, CONTROL_HELP[k], (vas_info.get("controls") or {}).get("n", {}).get(k, 0))
                        for k in (vas_info.get("controls") or {}).get("kinds", [])],

@@ -54,6 +54,14 @@ class SeedsConfig:
             "and harder arithmetic."
         },
     )
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Procedural: keep only problems of these tasks (scene.task, e.g. [count, "
+            "count_color, count_kind] for the shapes questions the reference model tiny-shapes was "
+            "trained on); null = every task of the families."
+        },
+    )
     image_size: int = field(
         default=448, metadata={"help": "Procedural: square canvas side in pixels (320-1024)."}
     )
@@ -160,5 +168,7 @@ class SeedsConfig:
             raise ValueError("seeds.repo_id: required when seeds.kind is 'hub'")
         if self.max_source_pixels < 1:
             raise ValueError(f"seeds.max_source_pixels: must be >= 1, got {self.max_source_pixels}")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("seeds.tasks: give at least one task, or null for all")
         if self.kind == "procedural" and self.n is None:
             raise ValueError("seeds.n: procedural generation needs a number of problems")

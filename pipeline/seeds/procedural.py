@@ -241,23 +241,31 @@ def problem_plan(config: SeedsConfig, index: int) -> tuple[str, int, int]:
 
 
 MAX_REDRAWS = 20
+MAX_TASK_REDRAWS = 200
 
 
 def iter_procedural(config: SeedsConfig) -> Iterator[dict]:
     """``config.n`` distinct problems, families round-robin, difficulties spread over the range.
 
     Easy levels have few possible figures, so a problem identical to an earlier one (same id)
-    is redrawn with a derived seed; the set of seen ids costs 16 bytes per problem.
+    is redrawn with a derived seed; so is one whose task is not among ``config.tasks``. The set
+    of seen ids costs 16 bytes per problem.
     """
     seen: set[bytes] = set()
+    wanted = set(config.tasks) if config.tasks else None
     for index in range(config.n or 0):
         family, problem_seed, difficulty = problem_plan(config, index)
-        for redraw in range(MAX_REDRAWS):
+        redraws = MAX_REDRAWS if wanted is None else MAX_TASK_REDRAWS
+        for redraw in range(redraws):
             record = generate_problem(
                 family, problem_seed + redraw, difficulty, config.image_size, config.choice_fraction
             )
             key = bytes.fromhex(record["id"])
-            if key not in seen:
+            if key not in seen and (wanted is None or record["scene"]["task"] in wanted):
                 break
+        else:
+            if wanted is not None and record["scene"]["task"] not in wanted:
+                raise ValueError(f"seeds.tasks: {family} drew no problem of {sorted(wanted)} at difficulty "
+                                 f"{difficulty} in {redraws} tries; check the task names")
         seen.add(key)
         yield record

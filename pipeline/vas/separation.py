@@ -83,7 +83,7 @@ class ControlSeparation:
                 aucs[metric] = row
         means = {m: sum(v for v in row.values() if math.isfinite(v)) / sum(math.isfinite(v) for v in row.values())
                  for m, row in aucs.items()}
-        best = max(means, key=lambda m: (means[m], m)) if means else None
+        best = max(means, key=lambda m: (means[m], -METRICS.index(m))) if means else None  # ties: METRICS order
         n = {kind: max((len(v) for v in self.controls[kind].values()), default=0) for kind in self.kinds}
         return {"kinds": self.kinds, "n": n, "auc": aucs, "mean_auc": means, "best": best}
 
@@ -93,8 +93,10 @@ def separation_rows(table: dict, chosen: str | None = None) -> list[dict]:
     column per control kind, the mean, and which view the filter reads (``chosen``) and which
     separates best."""
     rows = []
+    best = table.get("best")
     for metric, row in (table.get("auc") or {}).items():
-        marks = [m for m, on in (("filter", metric == chosen), ("best", metric == table.get("best"))) if on]
+        tops = best is not None and table["mean_auc"][metric] >= table["mean_auc"][best] - 1e-12
+        marks = [m for m, on in (("filter", metric == chosen), ("best", tops)) if on]
         rows.append({"View": metric_label(metric) + (f" ({', '.join(marks)})" if marks else ""),
                      **{kind: "n/a" if not math.isfinite(v) else f"{v:.3f}" for kind, v in row.items()},
                      "Mean": f"{table['mean_auc'][metric]:.3f}"})

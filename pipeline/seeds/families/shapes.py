@@ -8,7 +8,9 @@ at most one shape per cell, no text. Tasks:
 * ``shape_of``: "What shape is the red one?" (the colour appears once);
 * ``count``: "How many shapes are there?";
 * ``color_at``: "What color is the shape at the top left?";
-* ``shape_at``: "What shape is at the top left?".
+* ``shape_at``: "What shape is at the top left?";
+* ``count_color``: "How many red shapes are there?" (0 when none is);
+* ``count_kind``: "How many circles are there?".
 
 Levels set how many shapes a scene holds (:data:`LEVELS`). :func:`counterfactual` draws a
 scene that answers the same question differently, for the negative controls of the VAS stage
@@ -26,7 +28,8 @@ COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (45, 80, 220), "
 KINDS = ("circle", "square", "triangle")
 CELLS = ("top left", "top right", "bottom left", "bottom right")
 LEVELS = {1: (1, 2), 2: (1, 3), 3: (2, 3), 4: (2, 4), 5: (3, 4)}  # shapes per scene (min, max)
-TASKS = dict.fromkeys(range(1, 6), ("color_of", "shape_of", "count", "color_at", "shape_at"))
+TASKS = dict.fromkeys(range(1, 6), ("color_of", "shape_of", "count", "color_at", "shape_at", "count_color",
+                                    "count_kind"))
 MAX_TRIES = 200
 
 
@@ -51,6 +54,10 @@ def question_of(query: dict) -> str:
         return f"What color is the shape at the {query['cell']}?"
     if task == "shape_at":
         return f"What shape is at the {query['cell']}?"
+    if task == "count_color":
+        return f"How many {query['color']} shapes are there?"
+    if task == "count_kind":
+        return f"How many {query['kind']}s are there?"
     return "How many shapes are there?"
 
 
@@ -60,6 +67,10 @@ def answer_of(query: dict, shapes: list[dict]) -> str | int | None:
     task = query["task"]
     if task == "count":
         return len(shapes)
+    if task == "count_color":
+        return sum(s["color"] == query["color"] for s in shapes)
+    if task == "count_kind":
+        return sum(s["kind"] == query["kind"] for s in shapes)
     if task in ("color_at", "shape_at"):
         hits = [s for s in shapes if s["cell"] == query["cell"]]
         return (hits[0]["color"] if task == "color_at" else hits[0]["kind"]) if hits else None
@@ -86,6 +97,10 @@ def draw_query(rng: random.Random, level: int, shapes: list[dict]) -> dict | Non
         query["color"] = shape["color"]
     elif task in ("color_at", "shape_at"):
         query["cell"] = shape["cell"]
+    elif task == "count_color":  # a colour in the scene, or now and then one that is not
+        query["color"] = shape["color"] if rng.random() < 0.8 else rng.choice(list(COLORS))
+    elif task == "count_kind":
+        query["kind"] = shape["kind"] if rng.random() < 0.8 else rng.choice(KINDS)
     return query if answer_of(query, shapes) is not None else None
 
 

@@ -19,18 +19,25 @@ def solve(scene: dict, voice: Voice) -> Solution:
     query, shapes = scene["query"], _in_reading_order(shapes_of(scene))
     task = query["task"]
     answer = answer_of(query, shapes)
-    if task == "count":
-        voice.say("I need the number of shapes, so I go through the four cells one by one.")
-        for k, shape in enumerate(shapes, 1):
-            voice.look(f"the {_name(shape)} is shape number {k}")
+    if task in ("count", "count_color", "count_kind"):
+        what = {"count": "shapes", "count_color": f"{query.get('color')} shapes", "count_kind": f"{query.get('kind')}s"}[task]
+        hit = lambda s: task == "count" or s["color"] == query.get("color") or s["kind"] == query.get("kind")
+        voice.say(f"I need the number of {what}, so I go through the four cells one by one.")
+        matching = [s for s in shapes if hit(s)]
+        for k, shape in enumerate(matching, 1):
+            voice.look(f"the {_name(shape)} is number {k}")
+        others = [s for s in shapes if not hit(s)]
         empty = [c for c in CELLS if c not in {s["cell"] for s in shapes}]
-        if empty:
+        if others:
+            voice.reflect(f"The {others[0]['color']} {others[0]['kind']} is not one of the {what}, so it does "
+                          f"not count.", f"the {_name(others[0])} is not one of the {what}.")
+        elif empty:
             voice.reflect(f"The {empty[0]} cell is empty, so nothing is missed there.",
                           f"the {empty[0]} cell is empty, so there is no shape to add.")
         else:
             voice.reflect("Every cell holds one shape, so none is counted twice.",
                           "each of the four cells holds exactly one shape.")
-        voice.say(f"That makes {answer} shapes.")
+        voice.say(f"That makes {answer} {what}.")
         return Solution(answer, voice.steps)
     if task == "color_of":
         target = next(s for s in shapes if s["kind"] == query["kind"])
