@@ -32,12 +32,13 @@ from pipeline.atomic import write_if_changed
 from pipeline.errors import PermanentError
 from pipeline.filtering.funnel import tally_usage
 from pipeline.images import open_image
+from pipeline.publishing.card_vas import other_tasks, vas_histogram, vas_metric_text
 from pipeline.publishing.profile import ColumnProfile
 from pipeline.response_format import extract_answer, think_text
 from pipeline.synthesis.controls import CONTROL_HELP
 from pipeline.synthesis.usage import token_cost_usd
 from pipeline.templating import environment
-from pipeline.vas.separation import METRICS, metric_label, separation_rows, view_value
+from pipeline.vas.separation import METRICS, separation_rows, view_value
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "data_card.md.j2"
@@ -239,51 +240,6 @@ def _neg_to_rank(neg: int) -> str:
     return f"{-neg:064x}"
 
 
-def _histogram_panels(stats: CardStats, metric: str | None) -> list[tuple[str, list[float], str, str]]:
-    """(name, published values, title, x label) per panel: the raw VAS, and the filter's metric
-    (the normalized VAS when the filter reads raw or nothing)."""
-    second = metric if metric in stats.vas_views or metric == "normalized" else "normalized"
-    panels = [("raw", stats.vas_raw, "response VAS (raw)", "VAS")]
-    if second == "normalized":
-        return [*panels, ("normalized", stats.vas_normalized, "response VAS (normalized)", "VAS / (|I| / |S|)")]
-    return [*panels, (second, stats.vas_views.get(second, []), f"filter metric: {second}", metric_label(second))]
-
-
-def vas_histogram(stats: CardStats, vas_info: dict) -> bytes:
-    """PNG of the raw response VAS and of the filter's metric: filter candidates (grey) and
-    published (blue)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    metric, threshold = vas_info.get("metric"), vas_info.get("resolved_threshold")
-    fig = Figure(figsize=(8, 3.2), dpi=100)
-    for ax, (name, values, title, xlabel) in zip(fig.subplots(1, 2), _histogram_panels(stats, metric), strict=True):
-        candidates = (vas_info.get("histograms") or {}).get(name)
-        bins = candidates["edges"] if candidates else min(30, max(5, len(values) // 3))
-        if candidates:
-            ax.stairs(candidates["counts"], candidates["edges"], fill=True, color="#d0d0d0",
-                      label="filter candidates")
-        if values:
-            ax.hist(values, bins=bins, color="#4c72b0", edgecolor="white", label="published")
-        if not values and not candidates:
-            ax.text(0.5, 0.5, "no VAS values", ha="center", va="center", transform=ax.transAxes)
-        if threshold is not None and name == metric:
-            ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"filter cut {threshold:.4g}")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right", fontsize=7)
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("samples")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
 def card_front_matter(*, dataset_name: str, license: str, language: list[str], task_categories: list[str],
                       tags: list[str], features, splits: dict[str, dict], data_files: dict[str, str],
                       pretty_name: str | None = None) -> str:
@@ -315,21 +271,6 @@ def _template() -> jinja2.Template:
     env = environment(TEMPLATE_DIR, trim_blocks=True, keep_trailing_newline=True,
                       filters={"num": num, "md": md_escape})
     return env.get_template(TEMPLATE)
-
-
-def _other_tasks(reference: dict | None) -> list[tuple[str, float, int]]:
-    """(task, accuracy with the image, n) of the reference model's questions outside its graded set."""
-    evaluation = (reference or {}).get("evaluation") or {}
-    graded = set(evaluation.get("graded_tasks") or ())
-    return [(task, value[0], value[1]) for task, value in sorted((evaluation.get("per_task_image") or {}).items())
-            if task not in graded and "(" not in task]
-
-
-def _metric_text(metric: str | None) -> str:
-    """How the card names the filter's VAS: "raw VAS", "normalized VAS", or a view's label."""
-    if metric in ("raw", "normalized"):
-        return f"{metric} VAS"
-    return metric_label(metric) if metric else "VAS"
 
 
 def _funnel_view(funnel: dict | None) -> dict | None:
@@ -391,7 +332,7 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
     card_dir = Path(card_dir)
     card_dir.mkdir(parents=True, exist_ok=True)
     vas_info = (funnel or {}).get("vas") or {}
-    histogram = vas_histogram(stats, vas_info)
+    histogram = vas_histogram(stats.vas_raw, stats.vas_normalized, stats.vas_views, vas_info)
     write_if_changed(card_dir / HISTOGRAM_FILE, histogram)
     gallery = stats.gallery()
     wanted = set()
@@ -423,11 +364,11 @@ def write_card(card_dir: str | os.PathLike, *, dataset_name: str, stats: CardSta
         config_digest=(provenance or {}).get("config_digest"), dataset_digest=dataset_digest,
         vas_random=stats.vas_random, budget=[(k, statistics.fmean(v)) for k, v in stats.budget.items()],
         reproduce=reproduce, reference=(provenance or {}).get("vas_reference"),
-        reference_other_tasks=_other_tasks((provenance or {}).get("vas_reference")),
+        reference_other_tasks=other_tasks((provenance or {}).get("vas_reference")),
         controls=separation_rows(vas_info.get("controls") or {}, vas_info.get("metric")),
         control_kinds=[(k, CONTROL_HELP[k], (vas_info.get("controls") or {}).get("n", {}).get(k, 0))
                        for k in (vas_info.get("controls") or {}).get("kinds", [])],
-        separation=vas_info.get("controls") or {}, vas_metric_label=_metric_text(vas_info.get("metric")),
+        separation=vas_info.get("controls") or {}, vas_metric_label=vas_metric_text(vas_info.get("metric")),
         column_rows=stats.profile.rows(), answer_types=stats.profile.answer_types.most_common(),
         with_choices=stats.profile.with_choices, split_samples=stats.profile.samples())
     assert_no_secrets(text, str(card_dir / "README.md"))
