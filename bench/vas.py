@@ -14,8 +14,11 @@ Time: per length, one process with one torch thread runs the four methods interl
 ``--repeats`` times and keeps each one's fastest run, in CPU seconds of the process (robust to
 other jobs on a shared machine) and in wall seconds. Memory: one process per
 method and length, the largest RSS increase during one forward, polled every millisecond
-(torch's CPU allocations are invisible to tracemalloc; large blocks go back to the OS when
-freed, so RSS tracks live tensors). Prints a markdown table.
+(torch's CPU allocations are invisible to tracemalloc). Those processes run with glibc's
+``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so every tensor block is its own mapping, returned to
+the OS when freed, and RSS tracks live tensors; with glibc's default, moving threshold the same
+forward measured 55-106 MiB from one process to the next, with it 66-69 MiB. Prints a markdown
+table.
 
     python -m bench.vas                        # a few minutes on 2 idle cores
     python -m bench.vas --lengths 512 --repeats 1
@@ -43,6 +46,7 @@ MODELS = {128: {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_head
                "intermediate_size": 1408, "max_position_embeddings": 8192}}
 IMAGE_SIDE = 448  # (448 / 28)^2 = 256 image tokens
 WARM_UP_TOKENS = 384  # the image and a short answer
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS = live tensors (module docstring)
 
 
 def build_model(folder: Path, head_dim: int) -> Path:
@@ -183,9 +187,9 @@ def memory_case(model_dir: str, method: str, length: int) -> dict:
     return {"peak_mib": peak.peak / 2**20}
 
 
-def _subprocess(*args: str) -> dict:
+def _subprocess(*args: str, env: dict | None = None) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.vas", *args], cwd=REPO, capture_output=True, text=True,
-                         check=True)
+                         check=True, env={**os.environ, **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -213,7 +217,7 @@ def main() -> int:
             for length in args.lengths:
                 timed = _subprocess("--repeats", str(args.repeats), "--time-case", model_dir, str(length))
                 for method in METHODS:
-                    row = {**timed[method], **_subprocess("--memory-case", model_dir, method, str(length))}
+                    row = {**timed[method], **_subprocess("--memory-case", model_dir, method, str(length), env=FIXED_MMAP)}
                     rows[head_dim, length, method] = row
                     print(f"  d={head_dim} {length:>5} {method:<8} {row['time_s']:.3f}s {row['peak_mib']:.0f} MiB",
                           file=sys.stderr)

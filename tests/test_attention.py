@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from pipeline.lens import IMPLEMENTATION, AttentionLens, decoder_attention_modules
-from tests.support.lens import SAMPLES, assert_close, chat_batch, eager_masses, tiny_models
-
-EXACT = 1e-6  # float32: the lens against eager output_attentions, relative to the largest value
+from tests.support.lens import EXACT, SAMPLES, assert_close, chat_batch, eager_masses, tiny_models
 
 
 @pytest.mark.parametrize("padding_side, query_span", [

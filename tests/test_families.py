@@ -25,7 +25,7 @@ from pipeline.vas.__main__ import main as vas_main
 from pipeline.vlm import adapter_for, build_inputs, compute_spans
 from pipeline.vlm.inputs import with_system_prompt
 from tests.support.images import make_image
-from tests.support.lens import assert_close, chat_batch, eager_masses, tiny_models
+from tests.support.lens import EXACT, assert_close, chat_batch, eager_masses, tiny_models
 from trainer import eval as evaluation
 from trainer import rl, sft
 from trainer.configs import AGTOConfig, VARSConfig, parse_config
@@ -164,7 +164,7 @@ def test_lens_matches_eager_values_and_gradients(alias):
         with AttentionLens(model).capture(spans.response, spans.image, spans.system) as cap:
             model(**inputs)
         for keys, name in ((spans.image, "image"), (spans.system, "system")):
-            assert_close(cap.dense(name), eager_masses(eager, inputs, spans.response, keys, layers))
+            assert_close(cap.dense(name), eager_masses(eager, inputs, spans.response, keys, layers), tol=EXACT)
     # gradients of an AGTO-like loss: lens vs materialised eager attention
     q = spans.user
     valid = q[None, :, None, :].expand(len(layers), -1, model.config.text_config.num_attention_heads, -1)
@@ -186,7 +186,7 @@ def test_lens_matches_eager_values_and_gradients(alias):
     nonzero = lambda grads: {n for n, g in grads.items() if g.abs().sum() > 0}
     assert nonzero(got) == nonzero(expected) and got
     for name, reference in expected.items():
-        assert_close(got[name], reference, tol=1e-3)
+        assert_close(got[name], reference, tol=EXACT)
 
 
 @pytest.mark.parametrize("alias", FAMILIES)

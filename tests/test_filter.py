@@ -97,7 +97,7 @@ def test_a_view_metric_filters_and_the_funnel_line_reads_well():
         control = {"views": {**views, "response": {**views["response"], "image_share": i / 10 - 0.05}}}
         record["vas"] = {**record["vas"], "views": views, "controls": {"text_only": control}}
         records.append(record)
-    kept, rejects, stage = _run(FilterConfig(vas_metric="response.image_share", vas_quantile=0.5, dedup=False), records)
+    kept, _rejects, stage = _run(FilterConfig(vas_metric="response.image_share", vas_quantile=0.5, dedup=False), records)
     assert sorted(r["vas"]["views"]["response"]["image_share"] for r in kept) == [0.4, 0.5, 0.6, 0.7]
     funnel = stage.funnel().to_dict()
     assert funnel["vas"]["controls"]["auc"]["response.image_share"]["text_only"] == pytest.approx(36 / 64)

@@ -15,6 +15,7 @@ from pipeline.vlm.inputs import with_system_prompt
 from pipeline.vlm.spans import compute_spans
 
 REL_TOL = 1e-4
+EXACT = 1e-6  # float32: the lens against eager output_attentions, relative to the largest value
 
 
 @cache
