@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-COLUMN_MULTIPLE = 8  # padded width: a multiple of 8 columns (measured on CPU: BENCHMARKS.md "Lens")
+COLUMN_MULTIPLE = 8  # the fastest padded width of 1/8/16/32 on CPU (bench/lens_padding.py, BENCHMARKS.md)
 
 
 def padded_width(head_dim: int, n_sets: int) -> int:
