@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 ID_HEX_CHARS = 32  # 128 bits: collision-free for any dataset this tool will see
@@ -24,3 +25,9 @@ def stable_hash(obj: Any) -> str:
     """sha256 of a JSON-serialisable object with sorted keys (cache keys, config digests)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks (published shards, reference-model weights)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -42,6 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.atomic import replace_dir, write_json_atomic
+from pipeline.ids import file_sha256
 from pipeline.seeds.families import shapes as scenes
 from pipeline.vlm import build_inputs, compute_spans, load_model_and_processor
 from pipeline.vlm.reference import (
@@ -49,7 +50,6 @@ from pipeline.vlm.reference import (
     REFERENCE_RECIPE,
     WEIGHTS,
     ReferenceRecipe,
-    file_sha256,
     recipe_digest,
 )
 from pipeline.vlm.tiny import build_tiny_model

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import write_if_changed
 from pipeline.errors import PermanentError
-from pipeline.ids import stable_hash
+from pipeline.ids import file_sha256, stable_hash
 from pipeline.publishing.cards import CardStats, assert_no_secrets, write_card
 from pipeline.publishing.exports import export_easyr1, export_llamafactory
 from pipeline.publishing.sharding import RowSpill, plan_shards, write_shards
@@ -178,14 +178,6 @@ def _row_bytes(row: dict) -> int:
     return sum(len(im["bytes"]) for im in row["images"]) + len(row["response"]) + 2 * len(row["problem"]) + 512
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(out_dir: Path) -> dict | None:
     try:
         return json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
@@ -208,8 +200,8 @@ def _install(staging: Path, out_dir: Path, new_files: list[Path]) -> dict[str, d
     files = {}
     for staged in new_files:
         target = data_dir / staged.name
-        sha = _sha256_file(staged)
-        if not (target.is_file() and _sha256_file(target) == sha):
+        sha = file_sha256(staged)
+        if not (target.is_file() and file_sha256(target) == sha):
             os.replace(staged, target)
         files[f"data/{staged.name}"] = {"sha256": sha, "bytes": target.stat().st_size}
     for old in data_dir.glob("*-of-*.parquet"):

@@ -24,6 +24,7 @@ from functools import cache
 from pathlib import Path
 
 from pipeline.errors import PermanentError
+from pipeline.ids import file_sha256
 from pipeline.paper import DEFAULT_SYSTEM_PROMPT
 
 REFERENCE_ALIAS = "tiny-shapes"
@@ -101,14 +102,6 @@ old weights until ``python -m trainer.reference`` has written new ones)."""
 def recipe_digest(recipe: dict) -> str:
     blob = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: str | Path) -> dict | None:
