@@ -16,6 +16,7 @@ nothing is tuned to agree with the paper.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -102,8 +103,7 @@ def claim_lal(out: Path, work: Path) -> dict:
             for r in result["models"]]
     summary = {"claim": "lal", "paper": PAPER["lal"], "rows": rows, "pearson_r": result["pearson_r"],
                "spearman_rho": result["spearman_rho"], "correlations": view_correlations(rows)}
-    for name in ("lal.png",):
-        (out / "lal.png").write_bytes((work / "lal" / name).read_bytes())
+    shutil.copyfile(work / "lal" / "lal.png", out / "lal.png")
     _write(out, "lal", summary, f"VAS (user queries, the paper's) against held-out accuracy of the reference "
                                 f"run's checkpoints, its final model and the blind model: Pearson r = "
                                 f"{result['pearson_r']:.3f}, Spearman rho = {result['spearman_rho']:.3f}.")

@@ -43,22 +43,20 @@ def draw_shape(cv: Canvas, kind: str, box, fill) -> None:
         cv.draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
+QUESTIONS = {
+    "count": "How many shapes are there?",
+    "color_of": "What color is the {kind}?",
+    "shape_of": "What shape is the {color} one?",
+    "color_at": "What color is the shape at the {cell}?",
+    "shape_at": "What shape is at the {cell}?",
+    "count_color": "How many {color} shapes are there?",
+    "count_kind": "How many {kind}s are there?",
+}
+
+
 def question_of(query: dict) -> str:
     """The question text of a task's query."""
-    task = query["task"]
-    if task == "color_of":
-        return f"What color is the {query['kind']}?"
-    if task == "shape_of":
-        return f"What shape is the {query['color']} one?"
-    if task == "color_at":
-        return f"What color is the shape at the {query['cell']}?"
-    if task == "shape_at":
-        return f"What shape is at the {query['cell']}?"
-    if task == "count_color":
-        return f"How many {query['color']} shapes are there?"
-    if task == "count_kind":
-        return f"How many {query['kind']}s are there?"
-    return "How many shapes are there?"
+    return QUESTIONS.get(query["task"], QUESTIONS["count"]).format(**query)
 
 
 def answer_of(query: dict, shapes: list[dict]) -> str | int | None:
