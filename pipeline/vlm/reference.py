@@ -17,14 +17,13 @@ message saying what differs and how to rebuild, never scored silently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
 from pipeline.errors import PermanentError
-from pipeline.ids import file_sha256
+from pipeline.ids import file_sha256, stable_hash
 from pipeline.paper import DEFAULT_SYSTEM_PROMPT
 
 REFERENCE_ALIAS = "tiny-shapes"
@@ -100,8 +99,7 @@ old weights until ``python -m trainer.reference`` has written new ones)."""
 
 
 def recipe_digest(recipe: dict) -> str:
-    blob = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=list)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return stable_hash(recipe)
 
 
 def read_manifest(folder: str | Path) -> dict | None:
